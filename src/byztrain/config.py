@@ -1,0 +1,338 @@
+"""Run configuration: dataclasses, YAML round-trip, dotted overrides, validation.
+
+One `Config` describes one run completely. It is frozen-by-convention (we never mutate a config after
+validation), picklable (sweeps send it to worker processes) and has a stable `config_hash()` used to skip
+finished runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. The message names the field and what would be accepted."""
+
+    def __init__(self, field_path: str, message: str):
+        self.field = field_path
+        super().__init__(f"config field '{field_path}': {message}")
+
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10")
+MODELS = ("cnn", "resnet18")
+SPLITS = ("iid", "dirichlet")
+SCHEDULES = ("constant", "cosine")
+RUNTIMES = ("simulated", "distributed")
+
+
+@dataclass
+class TaskConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    model: str = "cnn"
+    split: str = "iid"
+    alpha: float = 0.5
+    # Train on a random subset of each shard / augment: kept explicit so runs stay comparable.
+    augment: bool = False
+
+
+@dataclass
+class AttackConfig:
+    name: str = "none"
+    start: int = 0
+    stop: int | None = None
+    every: int = 1
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class DefenseConfig:
+    name: str = "mean"
+    tau: float = 1.0
+    validators: int = 1
+    pre: list = field(default_factory=list)
+    # Number of Byzantine inputs a baseline rule is told to tolerate; None = the run's `byzantine`.
+    f: int | None = None
+    cclip_tol: float = 1e-6
+    cclip_max_iters: int = 1000
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    eval_every: int = 100
+
+
+@dataclass
+class RuntimeConfig:
+    kind: str = "simulated"
+    device: str = "cpu"
+    timeout_s: float = 120.0
+    threads: int | None = None
+
+
+@dataclass
+class LogConfig:
+    out: str | None = None
+    tensorboard: bool = True
+    every: int = 10
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    peers: int = 16
+    byzantine: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict | None, *, validate: bool = True) -> Config:
+        cfg = _build(cls, data or {}, "")
+        if validate:
+            cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError("<file>", f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError("<file>", f"{path} must contain a YAML mapping, got {type(data).__name__}")
+        data = apply_overrides(data, overrides or [])
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    def with_overrides(self, overrides: list[str] | dict) -> Config:
+        data = self.to_dict()
+        if isinstance(overrides, dict):
+            overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
+        return Config.from_dict(apply_overrides(data, overrides))
+
+    def config_hash(self) -> str:
+        """Stable hash of everything that affects results (output location and logging excluded)."""
+        data = self.to_dict()
+        data.pop("log", None)
+        data["runtime"].pop("threads", None)
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def __hash__(self) -> int:
+        return int(self.config_hash(), 16)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.log.out) if self.log.out else Path("runs") / self.name
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self) -> Config:
+        """Raise ConfigError for the first bad field; return self when the config is usable."""
+        _check(isinstance(self.name, str) and self.name.strip() != "", "name", "must be a non-empty string")
+        _check(self.peers >= 1, "peers", f"must be >= 1, got {self.peers}")
+        _check(self.byzantine >= 0, "byzantine", f"must be >= 0, got {self.byzantine}")
+        _check(
+            self.byzantine < self.peers,
+            "byzantine",
+            f"must be < peers ({self.peers}): at least one peer must be honest, got {self.byzantine}",
+        )
+        _choice(self.task.dataset, DATASETS, "task.dataset")
+        _choice(self.task.model, MODELS, "task.model")
+        _choice(self.task.split, SPLITS, "task.split")
+        _check(self.task.alpha > 0, "task.alpha", f"must be > 0, got {self.task.alpha}")
+
+        _check(self.attack.start >= 0, "attack.start", f"must be >= 0, got {self.attack.start}")
+        _check(
+            self.attack.stop is None or self.attack.stop > self.attack.start,
+            "attack.stop",
+            f"must be null or > attack.start ({self.attack.start}), got {self.attack.stop}",
+        )
+        _check(self.attack.every >= 1, "attack.every", f"must be >= 1, got {self.attack.every}")
+        _check(isinstance(self.attack.params, dict), "attack.params", "must be a mapping")
+        if self.attack.name != "none":
+            from byztrain.attacks import validate_attack  # late import: attacks import config
+
+            validate_attack(self)
+
+        d = self.defense
+        _check(d.tau > 0, "defense.tau", f"must be > 0, got {d.tau}")
+        _check(d.validators >= 0, "defense.validators", f"must be >= 0, got {d.validators}")
+        _check(d.cclip_tol > 0, "defense.cclip_tol", f"must be > 0, got {d.cclip_tol}")
+        _check(d.cclip_max_iters >= 1, "defense.cclip_max_iters", f"must be >= 1, got {d.cclip_max_iters}")
+        _check(d.f is None or d.f >= 0, "defense.f", f"must be null or >= 0, got {d.f}")
+        from byztrain.defenses import validate_defense  # late import: defenses import config
+
+        validate_defense(self)
+
+        t = self.train
+        _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+        _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+        _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+        _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
+        _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+        _check(
+            not t.nesterov or t.momentum > 0, "train.nesterov", "needs train.momentum > 0 (Nesterov momentum)"
+        )
+        _choice(t.schedule, SCHEDULES, "train.schedule")
+        _check(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
+
+        r = self.runtime
+        _choice(r.kind, RUNTIMES, "runtime.kind")
+        _check(
+            r.device == "cpu" or r.device.startswith("cuda"),
+            "runtime.device",
+            f"must be 'cpu' or 'cuda[:N]', got {r.device!r}",
+        )
+        _check(r.timeout_s > 0, "runtime.timeout_s", f"must be > 0, got {r.timeout_s}")
+        _check(r.threads is None or r.threads >= 1, "runtime.threads", f"must be null or >= 1, got {r.threads}")
+        _check(self.log.every >= 1, "log.every", f"must be >= 1, got {self.log.every}")
+        return self
+
+
+def _check(ok: bool, field_path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(field_path, message)
+
+
+def _choice(value: Any, choices: tuple[str, ...] | list[str], field_path: str) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), list(choices), n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(field_path, f"unknown value {value!r}{extra}; accepted: {', '.join(choices)}")
+
+
+# ---- building dataclasses from plain data, with type checks -------------------------------------
+
+
+def _build(cls: type, data: Any, prefix: str):
+    where = prefix.rstrip(".") or "<root>"
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"must be a mapping, got {type(data).__name__} {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            extra = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
+            raise ConfigError(f"{prefix}{key}", f"unknown key{extra} Valid keys here: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".")
+    origin = get_origin(tp)
+    if origin is Union or str(origin) == "types.UnionType":
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(path, f"must be a boolean (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(path, f"must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(path, f"must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(path, f"must be an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(path, f"must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a mapping, got {value!r}")
+        return copy.deepcopy(value)
+    if tp is list or origin is list:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list, got {value!r}")
+        return list(value)
+    return value
+
+
+# ---- dotted overrides ---------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(text, "override must look like key=value (e.g. train.lr=0.05)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(text, "override has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(keys), f"'{k}' is not a section, cannot set a sub-key")
+            node = child
+        node[keys[-1]] = value
+    return data
