@@ -1,0 +1,124 @@
+"""Command line: thin parsing around byztrain's Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXAMPLES = """\
+examples:
+  byztrain run                                   # 16 peers, Fashion-MNIST, mean aggregation, defaults
+  byztrain run experiments/quickstart.yaml       # a config file
+  byztrain run defense.name=btard byzantine=7 attack.name=sign_flip attack.start=200
+  byztrain run cfg.yaml train.lr=0.05 peers=32 --out runs/lr05
+  byztrain sweep experiments/demo.yaml --jobs 2  # a grid: every list-valued key expands
+  byztrain report runs/demo                      # results.csv, report.md and figures
+  byztrain bench --json                          # performance ratios
+
+Any config key can be set as key=value (dotted for sections); see docs/config.md.
+"""
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    config_path = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_path is None:
+            config_path = item
+        else:
+            raise SystemExit(f"error: more than one config file given ({config_path!r}, {item!r})")
+    return config_path, overrides
+
+
+def _load_config(items: list[str], out: str | None):
+    from byztrain.config import Config
+
+    path, overrides = _split_config_and_overrides(items)
+    if out:
+        overrides.append(f"log.out={out}")
+    if path is None:
+        return Config.from_dict({}).with_overrides(overrides)
+    return Config.load(path, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from byztrain.api import run
+
+    config = _load_config(args.items, args.out)
+    if args.resume:
+        config = config.with_overrides(["runtime.resume=true"]) if hasattr(config.runtime, "resume") else config
+    summary = run(config, quiet=args.quiet)
+    if not args.quiet:
+        print(f"finished {config.name}: final test accuracy {summary['final_test_accuracy']:.4f}, "
+              f"{summary['wall_seconds']:.1f} s, outputs in {config.out_dir}")
+    else:
+        print(json.dumps(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="byztrain",
+        description="Simulate and run BTARD-SGD and robust aggregators under Byzantine attacks.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="run one training run",
+        description="Run one training run. CONFIG.yaml is optional; key=value items override it.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--out", help="run folder (default runs/<name>); same as log.out=DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; print the summary as JSON")
+    p.add_argument("--resume", action="store_true", help="resume from the run folder's checkpoint")
+    p.set_defaults(func=cmd_run)
+
+    _register_optional_commands(sub)
+    return parser
+
+
+def _register_optional_commands(sub) -> None:
+    """Commands living in other modules register themselves here (sweep, report, bench)."""
+    for module_name in ("byztrain.experiments.cli", "byztrain.bench"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from byztrain.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"byztrain: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        # Missing data or config files: the message already says where we looked and what to do.
+        print(f"byztrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("byztrain: interrupted; metrics written so far are in the run folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
