@@ -1,0 +1,95 @@
+"""Time every aggregation rule on one (n, d) float32 CPU input, side by side in one run.
+
+    .venv/bin/python benchmarks/bench_aggregators.py --n 16 --d 1000000 --repeats 3
+
+Input: n - f honest rows g + N(0, 1) sharing one random g, plus f sign-flip rows -10 g. CenteredClip uses
+tau = tau_scale * sqrt(d) on whole vectors (about the honest rows' distance to their mean) and the same
+total radius split over n partitions, tau / sqrt(n), for the BTARD layout (n partitions of d / n). Each
+time is the best of --repeats calls; the ratio is to the mean measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from byztrain import aggregators as A
+
+
+def best_ms(fn, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=16, help="rows (workers)")
+    ap.add_argument("--d", type=int, default=1_000_000, help="dimension")
+    ap.add_argument("--f", type=int, default=3, help="Byzantine rows, and the f given to the rules")
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many calls")
+    ap.add_argument("--tau-scale", type=float, default=1.0, help="CenteredClip tau = scale * sqrt(d)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, d, f = args.n, args.d, args.f
+
+    g = torch.Generator().manual_seed(args.seed)
+    common = torch.randn(d, generator=g)
+    x = torch.cat([common + torch.randn(n - f, d, generator=g), (-10.0 * common).expand(f, d)])
+    pad = -d % n  # BTARD layout: zero-pad to a multiple of n, n contiguous parts per row
+    parts = torch.nn.functional.pad(x, (0, pad)).reshape(n, n, -1).transpose(0, 1).contiguous()
+    tau = args.tau_scale * math.sqrt(d)
+    tau_part = tau / math.sqrt(n)
+    bucket_gen = torch.Generator().manual_seed(args.seed)
+
+    stats: dict[str, str] = {}
+
+    def cclip():
+        _, s = A.centered_clip(x, tau, return_stats=True)
+        stats["cclip_ps"] = f"{s['iterations']} it, {s['clipped']} clipped"
+
+    def cclip_parts():
+        _, s = A.centered_clip_batched(parts, tau_part)
+        it = s["iterations"]
+        stats["cclip_batched"] = f"{int(it.min())}-{int(it.max())} it, {int(s['clipped'].sum())} clipped"
+
+    def gm():
+        _, s = A.geometric_median(x, return_stats=True)
+        stats["geometric_median"] = f"{s['iterations']} it"
+
+    rules = [
+        ("mean", lambda: A.mean(x)),
+        ("median (average)", lambda: A.coordinate_median(x)),
+        ("median (lower)", lambda: A.coordinate_median(x, even="lower")),
+        (f"trimmed_mean f={f}", lambda: A.trimmed_mean(x, f)),
+        (f"krum f={f}", lambda: A.krum(x, f)),
+        (f"multi_krum f={f}", lambda: A.multi_krum(x, f)),
+        ("geometric_median", gm),
+        ("cclip_ps", cclip),
+        (f"cclip_batched {n}x{n}x{parts.shape[2]}", cclip_parts),
+        ("bucketing s=2 (pre)", lambda: A.bucketing(x, 2, bucket_gen)),
+        (f"nnm f={f} (pre)", lambda: A.nnm(x, f)),
+    ]
+    print(
+        f"n={n} d={d} f={f} float32 CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"best of {args.repeats}; tau={tau:.4g} (partitions {tau_part:.4g})"
+    )
+    times = [(name, best_ms(fn, args.repeats)) for name, fn in rules]
+    base = times[0][1]
+    print(f"{'rule':<32} {'ms':>10} {'x mean':>8}  notes")
+    for name, ms in times:
+        key = name.split(" ")[0]
+        print(f"{name:<32} {ms:>10.1f} {ms / base:>8.1f}  {stats.get(key, '')}")
+
+
+if __name__ == "__main__":
+    main()
