@@ -1,6 +1,11 @@
-"""Attack catalogue: one registry, hooks defined in `base`. Importing this package registers every attack."""
+"""Attack catalogue: one registry, hooks defined in `base`. Importing this package registers every attack.
 
-from byztrain.attacks import gradient  # noqa: F401  (registers)
+Modules: gradient (sign_flip, random_direction, small_change), data (label_flip, label_shuffle), temporal
+(delayed_gradient), omniscient (ipm, ipm_0.6, alie, min_max, min_sum, mimic), protocol (bad_aggregation,
+false_accusation, lie_in_check, mprng_withhold, silent). docs/attacks.md is the catalogue.
+"""
+
+from byztrain.attacks import data, gradient, omniscient, protocol, temporal  # noqa: F401  (registers)
 from byztrain.attacks.base import (
     ATTACKS,
     Attack,

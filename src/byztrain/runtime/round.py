@@ -107,8 +107,11 @@ class Round:
                 omniscient.append((row, attack))
         if omniscient:
             honest = out[honest_rows]
+            honest_peers = tuple(peers[r] for r in honest_rows)
             for row, attack in omniscient:
-                v = attack.omniscient(honest, self.context(peers[row]))
+                ctx = self.context(peers[row])
+                ctx.extra["honest_peers"] = honest_peers  # peer id of each row of `honest`
+                v = attack.omniscient(honest, ctx)
                 if v is not None:
                     out[row] = v
         return out
