@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import byztrain
 from byztrain import Config
@@ -151,6 +153,29 @@ def test_delayed_gradient_keeps_only_needed_steps():
     assert during == 1 and all(float(v[0]) == 1.0 for v in sent.values())
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    delay=st.integers(1, 12),
+    start=st.integers(0, 30),
+    length=st.one_of(st.none(), st.integers(1, 20)),
+    every=st.integers(1, 4),
+    warmup=st.sampled_from(["oldest", "honest"]),
+)
+def test_delayed_gradient_property(delay, start, length, every, warmup):
+    stop = None if length is None else start + length
+    a = make("delayed_gradient", {"delay": delay, "warmup": warmup}, start=start, stop=stop, every=every,
+             train={"steps": 45})
+    sent, during, between = drive_delayed(a, 45)
+    assert during <= delay + 1 and between <= delay
+    first = 1
+    for t, v in sent.items():
+        if t - delay >= 1:
+            expected = t - delay
+        else:
+            expected = first if warmup == "oldest" else t
+        assert float(v[0]) == expected
+
+
 # ---- omniscient ---------------------------------------------------------------------------------
 
 
@@ -181,6 +206,24 @@ def test_alie_z_max_and_definition():
     assert make("alie").z(ctx(active=range(12), byzantine=(1, 3, 5))) == pytest.approx(z_max(12, 3))
     assert torch.equal(a.omniscient(h[:1], ctx()), h[0])
     assert a.omniscient(h[:0], ctx()) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    h=st.integers(2, 8),
+    d=st.integers(1, 30),
+    seed=st.integers(0, 10_000),
+    name=st.sampled_from(["min_max", "min_sum"]),
+)
+def test_min_max_min_sum_always_feasible(h, d, seed, name):
+    hon = honest_grads(h=h, d=d, seed=seed).double()
+    v = make(name).omniscient(hon, ctx()).double()
+    d2 = torch.cdist(hon, hon).pow(2)
+    dist2 = (hon - v).pow(2).sum(1)
+    if name == "min_max":
+        assert float(dist2.max()) <= float(d2.max()) * (1 + 1e-9) + 1e-12
+    else:
+        assert float(dist2.sum()) <= float(d2.sum(1).max()) * (1 + 1e-9) + 1e-12
 
 
 @pytest.mark.parametrize("name", ["min_max", "min_sum"])
