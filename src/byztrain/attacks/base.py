@@ -21,6 +21,11 @@ Protocol hooks (BTARD only; see byztrain.protocol):
 - `on_check_scalars(s, d, ctx)` -> (s, d): the random-projection scalars this peer broadcasts.
 - `on_mprng_reveal(secret, ctx)` -> bytes or None: the MPRNG reveal (None withholds it).
 - `accusations(ctx)` -> list of (target peer, reason): false accusations this peer raises.
+- `on_report(target, reason, ctx)` -> bool: whether to raise an accusation the honest protocol calls for
+  (a validator whose target's recomputation mismatches, an aggregator that caught a liar in the check
+  scalars). Default: collude, i.e. never report a fellow Byzantine peer (`ctx.byzantine`), report anyone
+  else. This is the adversary the paper's detection rate (1/n)((n-b)/n) assumes: only honest validators
+  expose cheaters. Return True to model non-colluding attackers.
 """
 
 from __future__ import annotations
@@ -109,6 +114,9 @@ class Attack:
     def accusations(self, ctx: AttackContext) -> list[tuple[int, str]]:
         return []
 
+    def on_report(self, target: int, reason: str, ctx: AttackContext) -> bool:
+        return target not in ctx.byzantine
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"
 
@@ -172,6 +180,9 @@ class CombinedAttack(Attack):
 
     def accusations(self, ctx):
         return [a for p in self.parts for a in p.accusations(ctx)]
+
+    def on_report(self, target, reason, ctx):
+        return all(p.on_report(target, reason, ctx) for p in self.parts)
 
 
 ATTACKS: dict[str, type[Attack]] = {}

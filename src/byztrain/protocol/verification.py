@@ -1,0 +1,119 @@
+"""The aggregation check: CenteredClip's fixed-point identity projected on random directions.
+
+After every aggregate ĝ[j] is public and only then, the peers run MPRNG and derive q Gaussian directions
+z^1..z^q (each cut into parts like the gradient) from its output r_t. Peer i broadcasts, for every
+partition j,
+
+    s_ij^l = <z^l[j], g_i[j] - ĝ[j]>   and   d_ij = ||g_i[j] - ĝ[j]||,
+
+computed in float64 from the exact float32 parts it committed to. Everyone checks, per partition j and
+direction l, that the weighted sum R_j^l = sum_i min(1, tau / d_ij) * s_ij^l is ~0: at an exact
+CenteredClip fixed point v*, sum_i min(1, tau/||g_i - v*||) (g_i - v*) = 0, so its projection on any
+direction is 0. Aggregator j re-derives (s_ij, d_ij) from the parts it received and accuses peers whose
+broadcast scalars differ (`scalars_agree`); a failing sum that no proven liar explains convicts j.
+
+Tolerances (both documented in docs/protocol.md):
+
+- Sum check: |R_j^l| <= check_rtol * n_j * (||ĝ[j]|| + tau). CenteredClip stops when its step satisfies
+  ||step|| <= cclip_tol * (||v|| + tau); the fixed-point residual sum_i w_i (g_i - v) at the output is n
+  times the *next* step, so its norm is about n * cclip_tol * (||ĝ|| + tau) or less, and its projection on
+  a standard Gaussian direction is N(0, ||residual||^2). check_rtol = 10 * cclip_tol by default leaves a
+  10-sigma margin for honest aggregators. It is also the cheater's slack: an error delta in ĝ[j] shifts
+  R by about W' <z, delta> (W' <= n, the clip-derivative weight), so an aggregator escapes one direction
+  with probability ~0.8 * check_rtol * n * (||ĝ[j]|| + tau) / (W' ||delta||) and all q directions with
+  that to the power q.
+- Scalar agreement: |s_rep - s_re| <= scalar_rtol * ||z[j]|| * d_ij and |d_rep - d_re| <= scalar_rtol *
+  d_ij. Both sides compute from the same float32 bytes (the differences are exact in float64), so only the
+  float64 summation order differs: error <= k * 2^-53 * ||z|| * d, far below the default 1e-8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import torch
+
+
+def projection_seed(shared_random: int, step: int, attempt: int) -> int:
+    """The seed of the check directions: hash of this step's MPRNG output, the step and the attempt."""
+    blob = b"byztrain/z" + struct.pack("<QqQ", shared_random & (2**64 - 1), step, attempt)
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+
+
+def draw_projections(seed: int, q: int, parts: int, part_size: int, device: torch.device | str = "cpu"):
+    """(q, P, k) standard Gaussian directions in float32, identical on every peer for the same seed.
+
+    Drawn on the CPU (the generator stream is device-specific) and moved to `device`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(q, parts, part_size, generator=gen, dtype=torch.float32)
+    return z.to(device)
+
+
+def peer_scalars(
+    parts: torch.Tensor, ghat: torch.Tensor, z64: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sender's scalars for every partition: parts (P, k) float32 (its padded gradient), ghat (P, k)
+    float32 (the published aggregate), z64 (q, P, k) float64. Returns s (P, q) and d (P,), float64."""
+    diff = parts.to(torch.float64) - ghat.to(torch.float64)
+    d = torch.linalg.vector_norm(diff, dim=1)
+    s = torch.einsum("pk,qpk->pq", diff, z64)
+    return s, d
+
+
+def partition_scalars(
+    rows: torch.Tensor, agg: torch.Tensor, z64: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An aggregator's re-derivation for one partition: rows (n, k) float32 (the received parts), agg (k,)
+    float32, z64 (q, k) float64. Returns s (n, q) and d (n,), float64."""
+    diff = rows.to(torch.float64) - agg.to(torch.float64)
+    d = torch.linalg.vector_norm(diff, dim=1)
+    s = diff @ z64.T
+    return s, d
+
+
+def clip_weights(d: torch.Tensor, tau: float) -> torch.Tensor:
+    """min(1, tau / d) in float64, 1 where d <= tau (no division by zero)."""
+    d = d.to(torch.float64)
+    return torch.where(d > tau, tau / d, torch.ones((), dtype=torch.float64, device=d.device))
+
+
+def partition_residual(s: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:
+    """R^l = sum_i min(1, tau/d_i) s_i^l for s (n, q), d (n,): (q,) float64."""
+    return (clip_weights(d, tau)[:, None] * s.to(torch.float64)).sum(dim=0)
+
+
+def residual_scale(n: int, ghat_norm: float, tau: float) -> float:
+    """n * (||ĝ[j]|| + tau): the quantity the residual is compared with (times check_rtol)."""
+    return n * (float(ghat_norm) + tau)
+
+
+def scalars_agree(
+    s_rep: torch.Tensor,
+    d_rep: torch.Tensor,
+    s_re: torch.Tensor,
+    d_re: torch.Tensor,
+    z_norm: torch.Tensor,
+    rtol: float,
+) -> torch.Tensor:
+    """Per row: do the reported (s (m, q), d (m,)) agree with the re-derived ones? z_norm: (q,) norms of
+    the directions restricted to the rows' partition(s), broadcastable against s. Returns (m,) bool."""
+    s_tol = rtol * z_norm * d_re[:, None]
+    s_ok = ((s_rep - s_re).abs() <= s_tol).all(dim=1)
+    d_ok = (d_rep - d_re).abs() <= rtol * d_re
+    return s_ok & d_ok
+
+
+def is_scalar_message(msg: object, parts: int, q: int) -> bool:
+    """A well-formed scalar broadcast: (s, d) float64 tensors of shapes (P, q) and (P,), finite, d >= 0."""
+    if not (isinstance(msg, (tuple, list)) and len(msg) == 2):
+        return False
+    s, d = msg
+    if not (isinstance(s, torch.Tensor) and isinstance(d, torch.Tensor)):
+        return False
+    if s.dtype != torch.float64 or d.dtype != torch.float64:
+        return False
+    if tuple(s.shape) != (parts, q) or tuple(d.shape) != (parts,):
+        return False
+    return bool(torch.isfinite(s).all()) and bool(torch.isfinite(d).all()) and bool((d >= 0).all())

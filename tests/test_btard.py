@@ -1,0 +1,342 @@
+"""BTARD-SGD end to end through the simulated runtime: honest-peer equivalence, hand-made adversarial peers
+(each banned, and only it), the named protocol attacks, validators against sign flipping, and real-training
+runs on Fashion-MNIST (marked slow)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from byztrain import Config
+from byztrain.aggregators import centered_clip_batched
+from byztrain.attacks import Attack
+from byztrain.protocol.btard import BtardDefense
+from byztrain.protocol.partition import layout_for
+from byztrain.protocol.validators import choose_validators
+from byztrain.runtime.round import Round
+from byztrain.runtime.trainer import Trainer
+from byztrain.tasks import Dataset
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared; intra-op threads only add contention
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def synthetic(monkeypatch):
+    """A small synthetic image task (10x10, 4 classes, labels from a random teacher): a ~9.5k-parameter CNN,
+    gradients in milliseconds. Real-data runs are the slow tests at the end."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 1, 10, 10, generator=g)
+    teacher = torch.randn(100, 4, generator=g)
+    y = (x.reshape(len(x), -1) @ teacher).argmax(dim=1)
+    ds = Dataset("synthetic", 4, 1, 10, x[:1000].contiguous(), y[:1000].contiguous(), x[1000:], y[1000:])
+    monkeypatch.setattr("byztrain.runtime.workload.load_dataset", lambda name, data_dir=None: ds)
+    return ds
+
+
+def make_trainer(peers=8, validators=1, seed=0, byzantine=(), attack=None, tau=1.0, params=None, **cfg):
+    """A Trainer with hand-made attackers: `attack` is an Attack subclass given to every peer in `byzantine`
+    (or a dict peer -> instance factory). Events are collected in `trainer.events`."""
+    data = {
+        "seed": seed,
+        "peers": peers,
+        "byzantine": 0,
+        "defense": {"name": "btard", "tau": tau, "validators": validators, "params": params or {}},
+        "train": {"batch_size": 16, "lr": 0.05, "steps": 10_000},
+        "log": {"tensorboard": False},
+    }
+    for key, value in cfg.items():
+        data[key] = value
+    config = Config.from_dict(data)
+    tr = Trainer(config, progress=False)
+    if byzantine:
+        # Attack hooks run only when the config's attack window is on: use a registered no-op name for it.
+        tr.config = config.with_overrides({"byzantine": len(byzantine), "attack.name": "silent"})
+        tr.byzantine = sorted(byzantine)
+        tr.attacks = {p: attack({}, tr.config, p) for p in byzantine}
+    tr.events = []
+
+    def emit(type, peer=None, by=None, reason="", **extra):
+        tr.events.append({"step": tr.step, "type": type, "peer": peer, "by": by, "reason": reason, **extra})
+
+    tr._emit = emit
+    return tr
+
+
+def bans(tr):
+    return {e["peer"]: e for e in tr.events if e["type"] == "ban"}
+
+
+def current_round(tr) -> Round:
+    """The Round the trainer's next step will see (for computing expected values)."""
+    from byztrain.attacks import attack_active
+
+    step = tr.step + 1
+    return Round(
+        step=step,
+        config=tr.config,
+        workload=tr.workload,
+        comm=tr.comm,
+        active=list(tr.active),
+        byzantine=frozenset(tr.byzantine),
+        attacks=tr.attacks,
+        attack_on=attack_active(tr.config, step),
+        shared_random=tr.shared_random,
+        previous=tr.previous,
+        emit=lambda *a, **k: None,
+    )
+
+
+def expected_update(tr, exclude=()):
+    """Per-partition CenteredClip of the honest gradients of this step's aggregating peers (the active
+    peers minus this step's validators minus `exclude`), exactly as the protocol lays them out."""
+    rnd = current_round(tr)
+    d: BtardDefense = tr.defense
+    prev = d.record
+    pairs = choose_validators(
+        rnd.shared_random, rnd.step, rnd.active, prev.layout.peers if prev else None, d.validators
+    )
+    sitting = {v for v, _ in pairs}
+    workers = [p for p in rnd.active if p not in sitting and p not in exclude]
+    layout = layout_for(tr.workload.dim, tuple(workers))
+    grads = torch.stack([rnd.honest_gradient(p) for p in workers])
+    X = torch.stack([layout.pad(g) for g in grads]).transpose(0, 1).contiguous()  # (P, n, k)
+    v, _ = centered_clip_batched(X, d.tau, tol=d.cclip_tol, max_iters=d.cclip_max_iters, median="lower")
+    return layout.join(v), workers
+
+
+def run_step(tr):
+    record = tr.train_step()
+    return record, tr.flat_grad.clone()
+
+
+# ---- honest peers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("validators", [0, 1, 2])
+def test_honest_update_is_partitionwise_centered_clip_and_nobody_is_banned(synthetic, validators):
+    tr = make_trainer(peers=7, validators=validators, tau=0.5)
+    for _ in range(6):
+        want, workers = expected_update(tr)
+        record, got = run_step(tr)
+        assert torch.equal(got, want)
+        assert record["btard_workers"] == len(workers) == 7 - (validators if tr.step > 1 else 0)
+        assert record["attempts"] == 1
+    assert bans(tr) == {}
+    assert tr.events == []
+    assert tr.active == list(range(7))
+
+
+def test_validators_sit_out_and_check_the_previous_step(synthetic):
+    tr = make_trainer(peers=6, validators=1)
+    tr.train_step()
+    rnd = current_round(tr)
+    pairs = choose_validators(rnd.shared_random, rnd.step, rnd.active, tr.defense.record.layout.peers, 1)
+    ((v, target),) = pairs
+    assert v != target
+    record = tr.train_step()
+    assert record["validator_pairs"] == 1 and record["btard_workers"] == 5
+    assert v not in tr.defense.record.layout.peers  # the validator held no partition
+    # its own loss was not computed: it computed no gradient this step
+    assert record["train_loss"] == record["train_loss"]  # not NaN: the others did
+
+
+# ---- hand-made adversaries: each is banned, and only it -------------------------------------------
+
+
+class PartNotAsCommitted(Attack):
+    """Sends every aggregator a part that differs from its commitment in one coordinate."""
+
+    def on_send_parts(self, parts, ctx):
+        out = {}
+        for r, p in parts.items():
+            q = p.clone()
+            q[0] += 1e-3
+            out[r] = q
+        return out
+
+
+class LyingAggregator(Attack):
+    """Publishes agg + delta, ||delta|| = 1e-3 ||agg||, in a random direction."""
+
+    def on_aggregate(self, partition, value, ctx):
+        g = torch.Generator().manual_seed(1000 * ctx.step + partition)
+        u = torch.randn(value.shape, generator=g)
+        return value + u / u.norm() * (1e-3 * value.norm())
+
+
+class ScalarLiar(Attack):
+    """Reports one check scalar s_ij 1% off (partition 0, first direction)."""
+
+    def on_check_scalars(self, s, d, ctx):
+        s = s.clone()
+        s[0, 0] = s[0, 0] * 1.01 + 1e-12
+        return s, d
+
+
+class DistanceLiar(Attack):
+    """Reports d_ij 10% too large for every partition (to shrink its clip weight)."""
+
+    def on_check_scalars(self, s, d, ctx):
+        return s, d * 1.1
+
+
+class FalseAccuser(Attack):
+    def accusations(self, ctx):
+        honest = [p for p in ctx.active if p not in ctx.byzantine]
+        return [(honest[ctx.step % len(honest)], "made-up accusation")]
+
+
+class Withholder(Attack):
+    def on_mprng_reveal(self, secret, ctx):
+        return None
+
+
+class WrongReveal(Attack):
+    def on_mprng_reveal(self, secret, ctx):
+        return bytes(32)
+
+
+class Silent(Attack):
+    def on_send_parts(self, parts, ctx):
+        return None
+
+
+class SilentToOne(Attack):
+    """Skips one receiver in the scatter, but answers the public resend request honestly."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.calls = 0
+
+    def on_send_parts(self, parts, ctx):
+        self.calls += 1
+        if self.calls % 2 == 1:  # the scatter; the second call of a step is the public resend
+            return {r: p for r, p in parts.items() if r != min(parts)}
+        return parts
+
+
+class NaNParts(Attack):
+    def on_gradient(self, g, ctx):
+        g = g.clone()
+        g[3] = float("nan")
+        return g
+
+
+ADVERSARIES = {
+    "part_not_as_committed": (PartNotAsCommitted, "commitment"),
+    "lying_aggregator": (LyingAggregator, "aggregation check failed"),
+    "scalar_liar": (ScalarLiar, "check scalars"),
+    "distance_liar": (DistanceLiar, "check scalars"),
+    "false_accuser": (FalseAccuser, "false accusation"),
+    "mprng_withholder": (Withholder, "withheld reveal"),
+    "mprng_wrong_reveal": (WrongReveal, "does not open"),
+    "silent": (Silent, "silent"),
+    "nan_gradient": (NaNParts, "non-finite"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIES))
+def test_adversary_is_banned_and_only_it(synthetic, name):
+    cls, reason = ADVERSARIES[name]
+    attacker = 3
+    tr = make_trainer(peers=7, validators=1, byzantine=(attacker,), attack=cls)
+    tr.train_step()  # step 1: attack window open from step 0, the attacker misbehaves right away
+    banned = bans(tr)
+    assert set(banned) == {attacker}, tr.events
+    assert reason in banned[attacker]["reason"], banned[attacker]
+    assert tr.active == [p for p in range(7) if p != attacker]
+    # the step after: nobody else is banned, and the update is the honest aggregate of the rest
+    for _ in range(2):
+        want, _ = expected_update(tr)
+        _, got = run_step(tr)
+        assert torch.equal(got, want)
+    assert set(bans(tr)) == {attacker}
+
+
+def test_step_with_a_caught_aggregator_applies_the_honest_aggregate_of_the_rest(synthetic):
+    tr = make_trainer(peers=7, validators=0, byzantine=(2,), attack=LyingAggregator)
+    want, _ = expected_update(tr, exclude=(2,))
+    record, got = run_step(tr)
+    assert record["attempts"] == 2
+    assert torch.equal(got, want)
+    assert [e["type"] for e in tr.events] == ["check_failed", "ban", "restart"]
+    assert tr.events[0]["peer"] == 2 and tr.events[0]["residual"] > 0
+
+
+def test_silent_to_one_receiver_is_not_banned_when_it_resends_publicly(synthetic):
+    tr = make_trainer(peers=6, validators=0, byzantine=(4,), attack=SilentToOne)
+    want, _ = expected_update(tr)
+    record, got = run_step(tr)
+    assert bans(tr) == {}
+    assert torch.equal(got, want)
+    assert [e["type"] for e in tr.events] == ["complaint"]
+
+
+def test_lying_aggregator_with_tiny_delta_is_caught_every_time(synthetic):
+    """delta = 1e-3 ||agg|| in a random direction, over several steps and seeds: always convicted."""
+    for seed in range(3):
+        tr = make_trainer(peers=8, validators=0, seed=seed, byzantine=(5,), attack=LyingAggregator)
+        tr.config = tr.config.with_overrides({"attack.start": 4})
+        for _ in range(4):
+            tr.train_step()
+        assert set(bans(tr)) == {5}
+        assert bans(tr)[5]["step"] == 4
+
+
+class SignFlipCollude(Attack):
+    def on_gradient(self, g, ctx):
+        return -1000.0 * g
+
+
+def test_sign_flippers_are_found_by_validators_and_only_they(synthetic):
+    byz = (1, 4, 6)
+    tr = make_trainer(peers=10, validators=1, seed=1, byzantine=byz, attack=SignFlipCollude)
+    for _ in range(300):
+        tr.train_step()
+        if not set(byz) - set(bans(tr)):
+            break
+    banned = bans(tr)
+    assert set(banned) == set(byz), banned
+    for p in byz:
+        assert "validation" in banned[p]["reason"] or "differs" in banned[p]["reason"]
+    accusers = {e["by"] for e in tr.events if e["type"] == "accuse"}
+    assert not accusers & set(byz)  # colluding: Byzantine validators never expose their own
+
+
+@pytest.mark.parametrize(
+    "attack", ["bad_aggregation", "false_accusation", "lie_in_check", "mprng_withhold", "silent"]
+)
+def test_named_protocol_attacks_ban_exactly_the_attackers(synthetic, attack):
+    tr = make_trainer(peers=9, validators=0, byzantine=(), attack=None)
+    tr.config = tr.config.with_overrides({"byzantine": 3, "attack.name": attack, "attack.start": 3})
+    from byztrain.attacks import build_attack
+    from byztrain.runtime.trainer import choose_byzantine
+
+    tr.byzantine = choose_byzantine(tr.config)
+    tr.attacks = {p: build_attack(tr.config, p) for p in tr.byzantine}
+    for _ in range(4):
+        tr.train_step()
+    assert set(bans(tr)) == set(tr.byzantine), tr.events
+    assert all(e["step"] == 3 for e in bans(tr).values())
+    if attack == "false_accusation":  # a wrong accusation is resolved by recomputation, not by vote
+        assert all("false accusation" in e["reason"] for e in bans(tr).values())
+
+
+def test_params_are_validated():
+    from byztrain.config import ConfigError
+
+    base = {"defense": {"name": "btard"}}
+    with pytest.raises(ConfigError, match="defense.params.check_rtl"):
+        BtardDefense(Config.from_dict({**base, "defense": {"name": "btard", "params": {"check_rtl": 1}}}))
+    with pytest.raises(ConfigError, match="check_projections"):
+        BtardDefense(Config.from_dict({"defense": {"name": "btard", "params": {"check_projections": 0}}}))
+    d = BtardDefense(Config.from_dict({"defense": {"name": "btard", "cclip_tol": 1e-7}}))
+    assert math.isclose(d.check_rtol, 1e-6)
