@@ -235,6 +235,26 @@ def _choice(value: Any, choices: tuple[str, ...] | list[str], field_path: str) -
 # ---- building dataclasses from plain data, with type checks -------------------------------------
 
 
+# Names users bring from other tools, mapped to ours (for the "did you mean" hint only).
+_ALIASES = {
+    "learning_rate": "lr",
+    "batch": "batch_size",
+    "num_peers": "peers",
+    "workers": "peers",
+    "num_workers": "peers",
+    "num_byzantine": "byzantine",
+    "f": "byzantine",
+    "aggregator": "name",
+    "epochs": "steps",
+}
+
+
+def _suggest(key: str, names: list[str]) -> list[str]:
+    aliases = {a: t for a, t in _ALIASES.items() if t in names}
+    match = difflib.get_close_matches(key, names + list(aliases), n=1)
+    return [aliases.get(match[0], match[0])] if match else []
+
+
 def _build(cls: type, data: Any, prefix: str):
     where = prefix.rstrip(".") or "<root>"
     if not isinstance(data, dict):
@@ -243,7 +263,7 @@ def _build(cls: type, data: Any, prefix: str):
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            hint = difflib.get_close_matches(str(key), names, n=1)
+            hint = _suggest(str(key), names)
             extra = f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
             raise ConfigError(f"{prefix}{key}", f"unknown key{extra} Valid keys here: {', '.join(names)}")
     kwargs = {}

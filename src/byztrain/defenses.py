@@ -51,21 +51,29 @@ class AggregatorDefense(Defense):
         self.pre = [
             aggregators.build_pre_aggregator(p, f=self.f, params=d.params, generator=self._generator) for p in d.pre
         ]
+        params = dict(d.params)
+        if d.name == "cclip_ps" and "iters" not in params:
+            # One place for CenteredClip's stopping rule: defense.cclip_tol / cclip_max_iters.
+            params.setdefault("tol", d.cclip_tol)
+            params.setdefault("max_iters", d.cclip_max_iters)
         self.aggregate: Callable = aggregators.build_aggregator(
-            d.name, f=self.f, tau=d.tau, params=d.params, n=self._n_after_pre(config.peers)
+            d.name, f=self.f, tau=d.tau, params=params, n=self._n_after_pre(config.peers)
         )
         self.name = d.name
 
     def _n_after_pre(self, n: int) -> int:
         for p in self.pre:
-            n = getattr(p, "output_count", lambda n: n)(n)
+            n = p.output_rows(n)
         return n
 
     def step(self, rnd: Round) -> StepResult:
         grads = rnd.sent_gradients(rnd.active)
         for pre in self.pre:
             grads = pre(grads)
-        return StepResult(self.aggregate(grads))
+        update = self.aggregate(grads)
+        stats = {f"agg_{k}": float(v) for k, v in (self.aggregate.last_stats or {}).items()
+                 if isinstance(v, (int, float, bool)) or getattr(v, "numel", lambda: 0)() == 1}
+        return StepResult(update, stats)
 
 
 class MeanDefense(Defense):

@@ -1,0 +1,58 @@
+"""CLI: help, and bad input -> exit code 2 with a one-paragraph error naming the field."""
+
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from byztrain.cli import main
+
+
+def test_help_lists_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "byztrain run" in out and "examples" in out
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["run", "trian.lr=0.1"], "trian"),
+        (["run", "train.lr=-1"], "train.lr"),
+        (["run", "peers=4", "byzantine=4"], "byzantine"),
+    ],
+)
+def test_bad_config_exit_code_and_message(args, field, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("byztrain: error:")
+    assert f"'{field}'" in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_missing_dataset_without_network(tmp_path, monkeypatch, capsys):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("BYZTRAIN_DATA", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(["run", "task.dataset=mnist", f"task.data_dir={empty}", f"--out={tmp_path / 'run'}", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "mnist" in err.lower() and str(empty) in err
+
+
+def test_console_script_runs_as_a_process():
+    out = subprocess.run([sys.executable, "-m", "byztrain.cli", "run", "peers=-1"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "'peers'" in out.stderr

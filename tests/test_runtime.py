@@ -1,0 +1,93 @@
+"""Simulated runtime: the run-folder contract, determinism, and a real run that learns."""
+
+import json
+
+import pytest
+
+import byztrain
+from byztrain import Config
+from byztrain.runtime.outputs import WALL_CLOCK_FIELDS
+from byztrain.runtime.trainer import choose_byzantine, lr_at
+
+
+def _small(tmp_path, **over):
+    data = {
+        "name": "t",
+        "peers": 4,
+        "train": {"steps": 12, "eval_every": 6, "batch_size": 16},
+        "log": {"out": str(tmp_path), "every": 3, "tensorboard": False},
+    }
+    for k, v in over.items():
+        data[k] = v
+    return Config.from_dict(data)
+
+
+def _read_metrics(path):
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        for k in WALL_CLOCK_FIELDS:
+            r.pop(k, None)
+    return rows
+
+
+def test_run_folder_contract(tmp_path):
+    cfg = _small(tmp_path, log={"out": str(tmp_path), "every": 3, "tensorboard": True})
+    summary = byztrain.run(cfg, quiet=True)
+    for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "summary.json"):
+        assert (tmp_path / name).exists(), name
+    assert any((tmp_path / "tb").iterdir())
+    assert Config.load(tmp_path / "config.yaml") == cfg
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("final_test_accuracy", "best_test_accuracy", "steps", "wall_seconds", "byzantine_peers",
+                "banned", "honest_banned", "config_hash"):
+        assert key in on_disk
+    assert on_disk["config_hash"] == cfg.config_hash()
+    rows = _read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 3, 6, 9, 12]
+    assert all("test_accuracy" in r for r in rows if r["step"] in (0, 6, 12))
+    assert all({"active_peers", "banned"} <= set(r) for r in rows)
+    assert all("train_loss" in r for r in rows[1:])
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    a = _small(tmp_path / "a", byzantine=1, attack={"name": "sign_flip", "start": 4},
+               log={"out": str(tmp_path / "a"), "every": 1, "tensorboard": False})
+    b = a.with_overrides([f"log.out={tmp_path / 'b'}"])
+    byztrain.run(a, quiet=True)
+    byztrain.run(b, quiet=True)
+    assert _read_metrics(tmp_path / "a") == _read_metrics(tmp_path / "b")
+    c = a.with_overrides([f"log.out={tmp_path / 'c'}", "seed=1"])
+    byztrain.run(c, quiet=True)
+    assert _read_metrics(tmp_path / "a") != _read_metrics(tmp_path / "c")
+
+
+def test_byzantine_draw_is_seeded_and_spares_peer_zero():
+    cfg = Config.from_dict({"peers": 16, "byzantine": 7})
+    drawn = choose_byzantine(cfg)
+    assert drawn == choose_byzantine(cfg) and len(set(drawn)) == 7 and 0 not in drawn
+    assert drawn != choose_byzantine(cfg.with_overrides(["seed=5"]))
+
+
+def test_cosine_schedule_decays_to_near_zero():
+    cfg = Config.from_dict({"train": {"steps": 100, "lr": 0.1, "schedule": "cosine"}})
+    assert lr_at(cfg, 1) == pytest.approx(0.1)
+    assert lr_at(cfg, 51) == pytest.approx(0.05)
+    assert lr_at(cfg, 100) < 1e-3
+
+
+def test_sign_flip_under_mean_diverges_but_run_completes(tmp_path):
+    cfg = _small(tmp_path, byzantine=1, attack={"name": "sign_flip"}, train={"steps": 10, "eval_every": 10})
+    summary = byztrain.run(cfg, quiet=True)
+    assert summary["steps"] == 10 and summary["byzantine_peers"] and summary["honest_banned"] == 0
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_run_learns(tmp_path):
+    cfg = Config.from_dict({
+        "peers": 16,
+        "train": {"steps": 200, "eval_every": 100, "batch_size": 32, "lr": 0.05},
+        "log": {"out": str(tmp_path), "tensorboard": False},
+    })
+    summary = byztrain.run(cfg, quiet=True)
+    assert summary["final_test_accuracy"] > 0.70  # chance is 0.10
