@@ -1,0 +1,685 @@
+"""`byztrain report DIR`: results.csv, report.md and PNG figures from the run folders below DIR.
+
+A run folder is any folder holding config.yaml and metrics.jsonl (DESIGN.md 5.2); it is *finished* when it
+also holds summary.json, *failed* when it holds error.txt (written by `byztrain sweep`), else *unfinished*
+(killed or still running: its metrics so far are used and it is marked as such).
+
+Runs are labelled by the config keys that differ between them: `attack.*` keys make the attack label,
+`defense.*` keys the defense label (an extra key shows only where it varies among runs of the same name, so
+`mean` stays `mean` next to `btard (tau=10)`), `seed` is averaged over, and any other varying key (e.g.
+`byzantine`) splits tables and figures. Figure functions return matplotlib Figures so tests can inspect them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Keys that never label a run: where it logs, thread counts, data locations, the free-text name.
+IGNORED_KEYS = ("name", "log.", "runtime.threads", "runtime.timeout_s", "task.data_dir")
+DPI = 120
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    path: Path
+    rel: str  # folder relative to the report root
+    config: dict
+    flat: dict[str, Any]
+    metrics: list[dict]
+    summary: dict | None
+    error: str | None
+    params: dict[str, Any] = field(default_factory=dict)  # the varying keys (seed included)
+    attack: str = ""
+    defense: str = ""
+    other: str = ""  # label of the other varying keys ("" when none)
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def status(self) -> str:
+        if self.summary is not None:
+            return "finished"
+        return "failed" if self.error is not None else "unfinished"
+
+    @property
+    def seed(self) -> Any:
+        return self.flat.get("seed")
+
+    def series(self, key: str, scale: float = 1.0) -> dict[int, float]:
+        out = {}
+        for rec in self.metrics:
+            v = rec.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and "step" in rec:
+                out[int(rec["step"])] = float(v) * scale
+        return out
+
+    @property
+    def final_accuracy(self) -> float | None:
+        if self.summary is not None and self.summary.get("final_test_accuracy") is not None:
+            return float(self.summary["final_test_accuracy"])
+        acc = self.series("test_accuracy")
+        return acc[max(acc)] if acc else None
+
+    @property
+    def best_accuracy(self) -> float | None:
+        if self.summary is not None and self.summary.get("best_test_accuracy") is not None:
+            return float(self.summary["best_test_accuracy"])
+        acc = self.series("test_accuracy")
+        return max(acc.values()) if acc else None
+
+    @property
+    def steps(self) -> int | None:
+        if self.summary is not None and self.summary.get("steps") is not None:
+            return int(self.summary["steps"])
+        steps = [int(r["step"]) for r in self.metrics if "step" in r]
+        return max(steps) if steps else None
+
+    @property
+    def wall_seconds(self) -> float | None:
+        if self.summary is not None and self.summary.get("wall_seconds") is not None:
+            return float(self.summary["wall_seconds"])
+        times = [r["time_s"] for r in self.metrics if isinstance(r.get("time_s"), (int, float))]
+        return max(times) if times else None
+
+    @property
+    def byzantine_peers(self) -> list[int] | None:
+        if self.summary is not None and "byzantine_peers" in self.summary:
+            return [int(p) for p in self.summary["byzantine_peers"]]
+        try:  # unfinished run: the same draw the trainer makes
+            from byztrain.config import Config
+            from byztrain.runtime.trainer import choose_byzantine
+
+            return choose_byzantine(Config.from_dict(self.config, validate=False))
+        except Exception:  # noqa: BLE001 — an odd config must not break the report
+            return None
+
+    @property
+    def bans(self) -> dict[int, int]:
+        """peer -> step of its ban (summary, else the metrics' cumulative `banned` lists)."""
+        if self.summary is not None and isinstance(self.summary.get("banned"), dict):
+            return {int(p): int(s) for p, s in self.summary["banned"].items()}
+        out: dict[int, int] = {}
+        for rec in self.metrics:
+            for p in rec.get("banned") or []:
+                out.setdefault(int(p), int(rec.get("step", 0)))
+        return out
+
+    @property
+    def honest_banned(self) -> int | None:
+        if self.summary is not None and self.summary.get("honest_banned") is not None:
+            return int(self.summary["honest_banned"])
+        byz = self.byzantine_peers
+        return None if byz is None else sum(1 for p in self.bans if p not in byz)
+
+    @property
+    def byzantine_banned(self) -> int | None:
+        byz = self.byzantine_peers
+        return None if byz is None else sum(1 for p in self.bans if p in byz)
+
+    @property
+    def last_byzantine_ban(self) -> int | None:
+        byz = self.byzantine_peers
+        steps = [s for p, s in self.bans.items() if byz is None or p in byz]
+        return max(steps) if steps else None
+
+    @property
+    def attack_on(self) -> bool:
+        return self.flat.get("attack.name", "none") != "none" and int(self.flat.get("byzantine", 0) or 0) > 0
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> leaf values; an empty mapping (e.g. `attack.params: {}`) contributes no key."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # the last line of a killed run may be cut
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("config.yaml") if (p.parent / "metrics.jsonl").exists())
+
+
+def load_run(path: Path, root: Path) -> RunData:
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    summary = None
+    if (path / "summary.json").exists():
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except ValueError:
+            summary = None
+    error = (path / "error.txt").read_text() if (path / "error.txt").exists() else None
+    rel = str(path.relative_to(root)) if path != root else path.name
+    return RunData(path, rel, config, _flatten(config), _read_jsonl(path / "metrics.jsonl"), summary, error)
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED_KEYS)
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
+
+
+def _varying(runs: list[RunData], keys: Iterable[str] | None = None) -> list[str]:
+    missing = object()
+    keys = sorted({k for r in runs for k in r.flat}) if keys is None else list(keys)
+    return [k for k in keys if not _ignored(k) and len({_key(r.flat.get(k, missing)) for r in runs}) > 1]
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "+".join(fmt(v) for v in value) if value else "[]"
+    return str(value)
+
+
+def _section_labels(runs: list[RunData], section: str, varying: list[str]) -> None:
+    name_key = f"{section}.name"
+    by_name: dict[str, list[RunData]] = {}
+    for r in runs:
+        by_name.setdefault(str(r.flat.get(name_key, "none")), []).append(r)
+    for name, group in by_name.items():
+        extra = [
+            k for k in _varying(group, [k for k in varying if k.startswith(section + ".")]) if k != name_key
+        ]
+        for r in group:
+            parts = [f"{k[len(section) + 1 :]}={fmt(r.flat.get(k))}" for k in extra]
+            setattr(r, section, f"{name} ({', '.join(parts)})" if parts else name)
+
+
+def load_runs(root: str | Path) -> list[RunData]:
+    """Every run folder below `root`, labelled (attack, defense, other) by the keys that vary between them."""
+    root = Path(root)
+    runs = [load_run(p, root) for p in find_run_dirs(root)]
+    varying = _varying(runs)
+    for r in runs:
+        r.params = {k: r.flat.get(k) for k in varying}
+    _section_labels(runs, "attack", varying)
+    _section_labels(runs, "defense", varying)
+    other = [k for k in varying if k != "seed" and not k.startswith(("attack.", "defense."))]
+    for r in runs:
+        r.other = ", ".join(f"{k}={fmt(r.flat.get(k))}" for k in other)
+    return runs
+
+
+# ---- ordering and grouping -------------------------------------------------------------------------------
+
+
+def _natural(text: str) -> list:
+    return [
+        (0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
+        for t in re.split(r"(\d+(?:\.\d+)?)", text)
+    ]
+
+
+def attack_order(labels: Iterable[str]) -> list[str]:
+    return sorted(set(labels), key=lambda s: (not s.startswith("none"), _natural(s)))
+
+
+def defense_order(labels: Iterable[str]) -> list[str]:
+    return sorted(set(labels), key=lambda s: (not s.startswith("mean"), _natural(s)))
+
+
+def group_runs(runs: list[RunData]) -> dict[str, dict[str, dict[str, list[RunData]]]]:
+    """other -> attack -> defense -> runs (the seeds)."""
+    out: dict[str, dict[str, dict[str, list[RunData]]]] = {}
+    for r in runs:
+        out.setdefault(r.other, {}).setdefault(r.attack, {}).setdefault(r.defense, []).append(r)
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _series_stats(runs: list[RunData], key: str, scale: float = 1.0):
+    """Steps, mean, std over the runs that logged `key` at each step."""
+    per_run = [r.series(key, scale) for r in runs]
+    steps = sorted({s for d in per_run for s in d})
+    means, stds = [], []
+    for s in steps:
+        m, sd = mean_std([d[s] for d in per_run if s in d])
+        means.append(m)
+        stds.append(sd)
+    return steps, means, stds
+
+
+def _new_figure(figsize: tuple[float, float]):
+    """A Figure drawn by the Agg backend, independent of pyplot's global state (safe in workers/tests)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _colors(labels: list[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
+
+
+def _attack_marks(ax, runs: list[RunData], *, label: bool = True) -> None:
+    starts = sorted({int(r.flat.get("attack.start", 0) or 0) for r in runs if r.attack_on})
+    stops = sorted(
+        {int(r.flat["attack.stop"]) for r in runs if r.attack_on and r.flat.get("attack.stop") is not None}
+    )
+    for s in starts:
+        ax.axvline(
+            s,
+            color="0.3",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"attack starts (step {s})" if label else None,
+        )
+    for s in stops:
+        ax.axvline(
+            s, color="0.3", linestyle=":", linewidth=1.2, label=f"attack stops (step {s})" if label else None
+        )
+
+
+def _seeds_text(runs: list[RunData]) -> str:
+    n = len({_key(r.seed) for r in runs})
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+# ---- figures ---------------------------------------------------------------------------------------------
+
+
+def figure_accuracy(runs: list[RunData], title: str | None = None):
+    """Test accuracy (%) vs step for the runs of one attack: one line per defense (mean over seeds) with a
+    +-std band, the attack start as a dashed vertical line."""
+    fig = _new_figure((7.5, 4.6))
+    ax = fig.add_subplot()
+    by_def: dict[str, list[RunData]] = {}
+    for r in runs:
+        by_def.setdefault(r.defense, []).append(r)
+    labels = defense_order(by_def)
+    colors = _colors(labels)
+    for lab in labels:
+        steps, mean, std = _series_stats(by_def[lab], "test_accuracy", 100.0)
+        if not steps:
+            continue
+        ax.plot(steps, mean, marker="o", markersize=3, linewidth=1.8, color=colors[lab], label=lab)
+        lo = [m - s for m, s in zip(mean, std, strict=True)]
+        hi = [m + s for m, s in zip(mean, std, strict=True)]
+        ax.fill_between(steps, lo, hi, color=colors[lab], alpha=0.2, linewidth=0)
+    _attack_marks(ax, runs)
+    attack = runs[0].attack if runs else ""
+    if title is None:
+        title = f"Test accuracy under attack: {attack}"
+        if runs and runs[0].other:
+            title += f" ({runs[0].other})"
+    ax.set_title(f"{title}\nmean ± std over {_seeds_text(runs)}", fontsize=11)
+    ax.set_xlabel("training step (optimizer steps)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="defense", loc="best", fontsize=9)
+    return fig
+
+
+def figure_bans(by_attack: dict[str, list[RunData]], title: str = "Ban timeline: active peers vs step"):
+    """Active peers vs step, one panel per attack, one line per defense (mean over seeds)."""
+    from matplotlib.ticker import MaxNLocator
+
+    attacks = attack_order(by_attack)
+    ncols = min(3, max(1, len(attacks)))
+    nrows = math.ceil(len(attacks) / ncols) if attacks else 1
+    fig = _new_figure((4.6 * ncols, 3.4 * nrows + 0.6))
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    all_defs = defense_order(r.defense for rs in by_attack.values() for r in rs)
+    colors = _colors(all_defs)
+    for i, attack in enumerate(attacks):
+        ax = axes[i // ncols][i % ncols]
+        runs = by_attack[attack]
+        by_def: dict[str, list[RunData]] = {}
+        for r in runs:
+            by_def.setdefault(r.defense, []).append(r)
+        for lab in defense_order(by_def):
+            steps, mean, _ = _series_stats(by_def[lab], "active_peers")
+            if steps:
+                ax.plot(steps, mean, drawstyle="steps-post", linewidth=1.8, color=colors[lab], label=lab)
+        honest = {int(r.flat.get("peers", 0)) - int(r.flat.get("byzantine", 0)) for r in runs if r.attack_on}
+        for h in sorted(honest):
+            ax.axhline(h, color="black", linestyle=":", linewidth=1.2, label=f"honest peers ({h})")
+        _attack_marks(ax, runs)
+        ax.set_title(f"attack: {attack}", fontsize=10)
+        ax.set_xlabel("training step (optimizer steps)")
+        ax.set_ylabel("active peers (count)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    for j in range(len(attacks), nrows * ncols):
+        axes[j // ncols][j % ncols].set_visible(False)
+    fig.suptitle(title + " (mean over seeds)", fontsize=12)
+    return fig
+
+
+_CCLIP_UNITS = (
+    ("unconverged", "partitions not converged"),
+    ("iter", "iterations"),
+    ("frac", "fraction of inputs"),
+    ("clipped", "inputs clipped"),
+    ("norm", "L2 norm"),
+    ("radius", "L2 norm"),
+    ("dist", "L2 norm"),
+    ("delta", "L2 norm"),
+    ("tau", "L2 norm"),
+    ("time", "seconds"),
+    ("seconds", "seconds"),
+)
+
+
+def cclip_unit(key: str) -> str:
+    for word, unit in _CCLIP_UNITS:
+        if word in key:
+            return unit
+    return "unitless"
+
+
+def cclip_keys(runs: list[RunData]) -> list[str]:
+    return sorted({k for r in runs for rec in r.metrics for k in rec if k.startswith("cclip")})
+
+
+def figure_cclip(runs: list[RunData], title: str = "CenteredClip statistics"):
+    """One panel per `cclip*` metric: its value vs step, one line per (attack, defense) (mean over seeds)."""
+    keys = cclip_keys(runs)
+    ncols = min(2, max(1, len(keys)))
+    nrows = math.ceil(len(keys) / ncols) if keys else 1
+    fig = _new_figure((6.2 * ncols, 3.8 * nrows + 0.6))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    groups: dict[str, list[RunData]] = {}
+    for r in runs:
+        groups.setdefault(f"{r.attack} / {r.defense}", []).append(r)
+    attacks = attack_order(r.attack for r in runs)
+    defenses = defense_order(r.defense for r in runs)
+    order = sorted(
+        groups, key=lambda g: (attacks.index(groups[g][0].attack), defenses.index(groups[g][0].defense))
+    )
+    colors = _colors(order)
+    for i, key in enumerate(keys):
+        ax = axes[i // ncols][i % ncols]
+        for g in order:
+            steps, mean, _ = _series_stats(groups[g], key)
+            if steps:
+                ax.plot(steps, mean, linewidth=1.5, color=colors[g], label=g)
+        _attack_marks(ax, runs)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("training step (optimizer steps)")
+        ax.set_ylabel(f"{key} ({cclip_unit(key)})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="attack / defense", fontsize=7, title_fontsize=8, loc="best")
+    for j in range(len(keys), nrows * ncols):
+        axes[j // ncols][j % ncols].set_visible(False)
+    fig.suptitle(title + " (mean over seeds)", fontsize=12)
+    return fig
+
+
+# ---- tables ----------------------------------------------------------------------------------------------
+
+RESULT_COLUMNS = (
+    "status",
+    "finished",
+    "final_test_accuracy",
+    "best_test_accuracy",
+    "steps",
+    "byzantine_peers",
+    "byzantine_banned",
+    "honest_banned",
+    "bans",
+    "last_byzantine_ban_step",
+    "wall_seconds",
+    "config_hash",
+)
+
+
+def result_rows(runs: list[RunData]) -> tuple[list[str], list[dict]]:
+    params = sorted({k for r in runs for k in r.params})
+    header = ["run", "attack", "defense", *params, *RESULT_COLUMNS]
+    rows = []
+    for r in runs:
+        bans = r.bans
+        row = {"run": r.rel, "attack": r.attack, "defense": r.defense}
+        row.update({k: fmt(r.params.get(k)) for k in params})
+        byz = r.byzantine_peers
+        row.update(
+            status=r.status,
+            finished=str(r.finished).lower(),
+            final_test_accuracy=_num(r.final_accuracy),
+            best_test_accuracy=_num(r.best_accuracy),
+            steps=_num(r.steps),
+            byzantine_peers=" ".join(map(str, byz)) if byz is not None else "",
+            byzantine_banned=_num(r.byzantine_banned),
+            honest_banned=_num(r.honest_banned),
+            bans=" ".join(f"{p}@{s}" for p, s in sorted(bans.items(), key=lambda x: (x[1], x[0]))),
+            last_byzantine_ban_step=_num(r.last_byzantine_ban),
+            wall_seconds=_num(r.wall_seconds),
+            config_hash=(r.summary or {}).get("config_hash", ""),
+        )
+        rows.append(row)
+    return header, rows
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def write_results_csv(runs: list[RunData], path: Path) -> Path:
+    header, rows = result_rows(runs)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def accuracy_cell(runs: list[RunData]) -> str:
+    done = [r.final_accuracy * 100 for r in runs if r.finished and r.final_accuracy is not None]
+    pending = [r for r in runs if not r.finished]
+    if not done:
+        return f"— ({len(pending)} unfinished)" if pending else "—"
+    m, sd = mean_std(done)
+    text = f"{m:.1f} ± {sd:.1f}" if len(done) > 1 else f"{m:.1f}"
+    return text + (" *" if pending else "")
+
+
+def accuracy_table(by_attack: dict[str, dict[str, list[RunData]]]) -> list[str]:
+    attacks = attack_order(by_attack)
+    defenses = defense_order(d for a in by_attack.values() for d in a)
+    lines = ["| attack \\ defense | " + " | ".join(defenses) + " |", "|---|" + "---:|" * len(defenses)]
+    for a in attacks:
+        cells = [accuracy_cell(by_attack[a].get(d, [])) for d in defenses]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ban_notes(by_attack: dict[str, dict[str, list[RunData]]]) -> list[str]:
+    notes = []
+    for a in attack_order(by_attack):
+        for d in defense_order(by_attack[a]):
+            runs = by_attack[a][d]
+            any_bans = any(r.bans for r in runs)
+            if not any_bans and d.split(" ")[0] != "btard":
+                continue
+            byz = int(runs[0].flat.get("byzantine", 0) or 0)
+            banned = [r.byzantine_banned for r in runs if r.byzantine_banned is not None]
+            honest = [r.honest_banned or 0 for r in runs]
+            all_banned = sum(1 for b in banned if byz and b == byz)
+            text = f"- **{d}** under **{a}**: "
+            if not runs[0].attack_on:
+                total = [len(r.bans) for r in runs]
+                text += (
+                    f"no attack; peers banned: {sum(total)}" if sum(total) else "no attack; no peer banned"
+                )
+            elif byz and banned:
+                text += f"Byzantine peers banned {statistics.fmean(banned):.1f}/{byz} on average"
+                text += f" (all {byz} in {all_banned}/{len(runs)} runs)"
+            else:
+                text += "no Byzantine peers" if not byz else "bans unknown"
+            last = [s for s in (r.last_byzantine_ban for r in runs) if s is not None]
+            if last:
+                m, sd = mean_std([float(x) for x in last])
+                text += f"; last Byzantine ban at step {m:.0f}" + (f" ± {sd:.0f}" if len(last) > 1 else "")
+                if runs[0].attack_on:
+                    start = int(runs[0].flat.get("attack.start", 0) or 0)
+                    text += f" (attack from step {start})"
+            if sum(honest):
+                seeds = ", ".join(fmt(r.seed) for r in runs if r.honest_banned)
+                text += f"; **honest peers banned: {sum(honest)} (seeds {seeds})**"
+            elif runs[0].attack_on or any_bans:
+                text += "; honest peers banned: 0"
+            unfinished = sum(1 for r in runs if not r.finished)
+            if unfinished:
+                text += f" ({unfinished} unfinished)"
+            notes.append(text + ".")
+    return notes
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-").lower() or "all"
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReportOutputs:
+    results_csv: Path
+    report_md: Path
+    figures: list[Path]
+    runs: int
+    finished: int
+    unfinished: int
+    failed: int
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.results_csv, self.report_md, *self.figures]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutputs:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    out = Path(out) if out is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(
+            f"no run folders below {root} (a run folder holds config.yaml and metrics.jsonl); "
+            "run `byztrain sweep GRID.yaml --out DIR` first"
+        )
+    results = write_results_csv(runs, out / "results.csv")
+    grouped = group_runs(runs)
+    figures: list[Path] = []
+    md = ["# byztrain report", "", f"Runs below `{root}`: {len(runs)} — "]
+    counts = {s: sum(1 for r in runs if r.status == s) for s in ("finished", "unfinished", "failed")}
+    md[-1] += ", ".join(f"{n} {s}" for s, n in counts.items())
+    walls = [r.wall_seconds for r in runs if r.finished and r.wall_seconds is not None]
+    if walls:
+        md[-1] += (
+            f"; total run wall time {sum(walls) / 60:.1f} min ({statistics.fmean(walls):.0f} s per run)."
+        )
+    md += ["", "Per-run numbers: [results.csv](results.csv).", ""]
+    for other in sorted(grouped, key=_natural):
+        by_attack = grouped[other]
+        suffix = f"--{_slug(other)}" if other else ""
+        heading = f" — {other}" if other else ""
+        all_runs = [r for a in by_attack.values() for rs in a.values() for r in rs]
+        md += [f"## Final test accuracy (%){heading}", ""]
+        md.append(
+            f"Mean ± sample std over seeds ({_seeds_text(all_runs)}), finished runs only; "
+            "`*`: some seeds unfinished or failed."
+        )
+        md += ["", *accuracy_table(by_attack), ""]
+        md += [f"### Bans{heading}", ""]
+        notes = ban_notes(by_attack)
+        md += notes if notes else ["No peer was banned in any run."]
+        md.append("")
+        md += [f"### Figures{heading}", ""]
+        for attack in attack_order(by_attack):
+            runs_a = [r for rs in by_attack[attack].values() for r in rs]
+            path = _save(figure_accuracy(runs_a), out / f"accuracy-{_slug(attack)}{suffix}.png")
+            figures.append(path)
+            md.append(f"![test accuracy under {attack}]({path.name})")
+        flat_by_attack = {a: [r for rs in d.values() for r in rs] for a, d in by_attack.items()}
+        if any(any("active_peers" in rec for rec in r.metrics) for r in all_runs):
+            title = "Ban timeline: active peers vs step" + (f" ({other})" if other else "")
+            path = _save(figure_bans(flat_by_attack, title), out / f"bans{suffix}.png")
+            figures.append(path)
+            md.append(f"![ban timeline]({path.name})")
+        cclip_runs = [r for r in all_runs if any(k.startswith("cclip") for rec in r.metrics for k in rec)]
+        if cclip_runs:
+            title = "CenteredClip statistics" + (f" ({other})" if other else "")
+            path = _save(figure_cclip(cclip_runs, title), out / f"cclip{suffix}.png")
+            figures.append(path)
+            md.append(f"![CenteredClip statistics]({path.name})")
+        md.append("")
+    problems = [r for r in runs if r.status != "finished"]
+    if problems:
+        md += ["## Unfinished and failed runs", ""]
+        for r in problems:
+            line = f"- `{r.rel}`: {r.status}, last logged step {r.steps}"
+            if r.error:
+                last = [x for x in r.error.strip().splitlines() if x.strip()]
+                line += f" — {last[-1].strip() if last else 'error'} (see error.txt)"
+            md.append(line)
+        md.append("")
+    report = out / "report.md"
+    report.write_text("\n".join(md))
+    return ReportOutputs(
+        results, report, figures, len(runs), counts["finished"], counts["unfinished"], counts["failed"]
+    )
