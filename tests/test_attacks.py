@@ -479,3 +479,22 @@ def test_runs_end_to_end_with_mean(tmp_path, tiny_data, clean_norms, name, param
     assert json.loads((tmp_path / "summary.json").read_text())["byzantine_peers"] == summary["byzantine_peers"]
     assert len(summary["byzantine_peers"]) == 2 and 0 not in summary["byzantine_peers"]
     assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["bad_aggregation", "false_accusation", "lie_in_check", "mprng_withhold", "silent"])
+def test_protocol_attack_gets_its_attackers_banned_under_btard(tmp_path, tiny_data, name):
+    cfg = Config.from_dict({
+        "name": name,
+        "peers": 5,
+        "byzantine": 2,
+        "task": {"data_dir": str(tiny_data)},
+        "attack": {"name": name, "start": 2},
+        "defense": {"name": "btard"},
+        "train": {"steps": 3, "eval_every": 3, "batch_size": 8},
+        "runtime": {"threads": 1},
+        "log": {"out": str(tmp_path), "every": 1, "tensorboard": False},
+    })
+    summary = byztrain.run(cfg, quiet=True)
+    assert sorted(int(p) for p in summary["banned"]) == summary["byzantine_peers"]
+    assert all(step == 2 for step in summary["banned"].values())  # at the first attack step
+    assert summary["honest_banned"] == 0
