@@ -45,11 +45,14 @@ class StepRecord:
     z: torch.Tensor | None = None  # (q, P, k) float32: the check directions
     scalars: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # worker -> (s, d)
     scalar_rtol: float = 1e-8
+    _z_norms: torch.Tensor | None = field(default=None, repr=False)
 
     def z_norms(self) -> torch.Tensor:
-        """(P, q) float64 norms of the directions per partition."""
+        """(P, q) float64 norms of the directions per partition (computed once)."""
         assert self.z is not None
-        return torch.linalg.vector_norm(self.z.to(torch.float64), dim=2).T
+        if self._z_norms is None:
+            self._z_norms = torch.linalg.vector_norm(self.z.to(torch.float64), dim=2).T
+        return self._z_norms
 
 
 @dataclass(frozen=True)

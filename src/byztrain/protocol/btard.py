@@ -265,8 +265,12 @@ class BtardDefense(Defense):
                 if fault is not None:
                     mine.append((i, fault, msg))  # the signed message itself is the evidence
                 else:
-                    X[a, r].copy_(msg)
                     accepted.append((r, i, msg))
+            if len(accepted) == n:
+                torch.stack([m for _, _, m in accepted], out=X[a])  # one copy per partition
+            else:
+                for r, _, msg in accepted:
+                    X[a, r].copy_(msg)
             finite = rows_finite(X[a])
             if not bool(finite.all()):
                 for r, i, msg in accepted:

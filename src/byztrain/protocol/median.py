@@ -49,21 +49,37 @@ def _median_network(n: int) -> tuple[tuple[int, int], ...]:
 
 
 def lower_median(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The lower median of `x` along `dim` (same values as `torch.median(x, dim).values`)."""
+    """The lower median of `x` along `dim` (same values as `torch.median(x, dim).values`).
+
+    Intermediate slices are recycled through a small buffer pool (outputs written with `out=`), so the
+    network allocates about as many slices as it has inputs instead of two per comparator.
+    """
     n = x.shape[dim]
     vals: list[torch.Tensor | None] = list(x.unbind(dim))
     size = 1
     while size < n:
         size *= 2
     vals += [None] * (size - n)  # None stands for +inf padding
+    owned = [False] * size  # whether vals[i] is our buffer (may be overwritten) or a view of x
+    pool: list[torch.Tensor] = []
     for a, b in _median_network(n):
         lo, hi = vals[a], vals[b]
         if hi is None:
             continue
         if lo is None:
             vals[a], vals[b] = hi, None
+            owned[a], owned[b] = owned[b], False
             continue
-        vals[a], vals[b] = torch.minimum(lo, hi), torch.maximum(lo, hi)
-    out = vals[(n - 1) // 2]
+        new_lo = torch.minimum(lo, hi, out=pool.pop()) if pool else torch.minimum(lo, hi)
+        if owned[b]:
+            new_hi = torch.maximum(lo, hi, out=hi)  # element-wise: safe in place
+        else:
+            new_hi = torch.maximum(lo, hi, out=pool.pop()) if pool else torch.maximum(lo, hi)
+        if owned[a]:
+            pool.append(lo)
+        vals[a], vals[b] = new_lo, new_hi
+        owned[a] = owned[b] = True
+    m = (n - 1) // 2
+    out = vals[m]
     assert out is not None
-    return out.clone() if n == 1 else out.contiguous()
+    return out if owned[m] else out.clone()

@@ -56,7 +56,7 @@ def peer_scalars(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A sender's scalars for every partition: parts (P, k) float32 (its padded gradient), ghat (P, k)
     float32 (the published aggregate), z64 (q, P, k) float64. Returns s (P, q) and d (P,), float64."""
-    diff = parts.to(torch.float64) - ghat.to(torch.float64)
+    diff = parts.to(torch.float64).sub_(ghat)
     d = torch.linalg.vector_norm(diff, dim=1)
     s = torch.einsum("pk,qpk->pq", diff, z64)
     return s, d
@@ -67,7 +67,7 @@ def partition_scalars(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An aggregator's re-derivation for one partition: rows (n, k) float32 (the received parts), agg (k,)
     float32, z64 (q, k) float64. Returns s (n, q) and d (n,), float64."""
-    diff = rows.to(torch.float64) - agg.to(torch.float64)
+    diff = rows.to(torch.float64).sub_(agg)  # float32 -> float64 is exact, so is the difference
     d = torch.linalg.vector_norm(diff, dim=1)
     s = diff @ z64.T
     return s, d
