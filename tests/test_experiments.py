@@ -217,6 +217,25 @@ def test_sweep_resumes_reruns_unfinished_and_changed_runs(tmp_path):
     assert (out / "attack.name=none,seed=1" / "ran.txt").read_text() == untouched
 
 
+def test_overrides_reach_into_variants_and_may_expand():
+    g = grid(
+        attack=[{"name": "sign_flip", "start": 100}, {"name": "alie", "start": 100, "params": {"z": 1.0}}]
+    )
+    root, points, selected = plan(g, ["attack.start=[2,3]", "train.steps=5"], out="x", shard=(2, 2))
+    assert [p.data["attack"]["start"] for p in points] == [2, 3, 2, 3]
+    assert {p.config.train.steps for p in points} == {5}
+    assert [p.name for p in points] == [
+        "attack.name=sign_flip,attack.start=2",
+        "attack.name=sign_flip,attack.start=3",
+        "attack.name=alie,attack.params.z=1,attack.start=2",
+        "attack.name=alie,attack.params.z=1,attack.start=3",
+    ]
+    assert [p.index for p in selected] == [1, 3] and root == Path("x")
+    assert points[0].config.log.out == str(Path("x") / points[0].name)
+    with pytest.raises(ConfigError, match="--shard"):
+        plan(g, shard=(3, 2))
+
+
 def test_sweep_shards_and_overrides_and_dry_run(tmp_path):
     g = grid(seed=[0, 1, 2])
     out = tmp_path / "sw"

@@ -34,7 +34,7 @@ from typing import Any, get_origin, get_type_hints
 
 import yaml
 
-from byztrain.config import Config, ConfigError, apply_overrides
+from byztrain.config import Config, ConfigError, parse_override
 
 MAX_NAME_LENGTH = 150
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
@@ -151,6 +151,33 @@ def expand_grid(grid: dict) -> list[GridPoint]:
     return [GridPoint(i, data, params) for i, (data, params) in enumerate(_expand_mapping(grid, ()))]
 
 
+def apply_grid_overrides(grid: dict, overrides: Iterable[str]) -> dict:
+    """Dotted `key=value` overrides (values parsed as YAML, so a list expands). A section given as variants
+    (a list of mappings) gets the override in every variant: `attack.start=10` sets each attack's start."""
+    grid = copy.deepcopy(grid)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(grid, keys, value, ".".join(keys))
+    return grid
+
+
+def _set_path(node: dict, keys: list[str], value: Any, full: str) -> None:
+    head, rest = keys[0], keys[1:]
+    if not rest:
+        node[head] = copy.deepcopy(value)
+        return
+    child = node.get(head)
+    if child is None:
+        child = node[head] = {}
+    if isinstance(child, list) and child and all(isinstance(v, dict) for v in child):
+        for variant in child:
+            _set_path(variant, rest, value, full)
+        return
+    if not isinstance(child, dict):
+        raise ConfigError(full, f"'{head}' is not a section, cannot set a sub-key")
+    _set_path(child, rest, value, full)
+
+
 def load_grid(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     path = Path(path)
     if not path.exists():
@@ -158,7 +185,7 @@ def load_grid(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError("<file>", f"{path} must contain a YAML mapping, got {type(data).__name__}")
-    return apply_overrides(data, list(overrides))
+    return apply_grid_overrides(data, overrides)
 
 
 # ---- naming -------------------------------------------------------------------------------------------
@@ -346,12 +373,13 @@ def plan(
     shard: str | tuple[int, int] | None = None,
 ) -> tuple[Path, list[GridPoint], list[GridPoint]]:
     """Expand, name and validate the whole grid; return (output root, all points, this shard's points)."""
+    shard_t = parse_shard(f"{shard[0]}/{shard[1]}" if isinstance(shard, tuple) else shard)
     default_name = "sweep"
     if isinstance(grid, (str, Path)):
         default_name = Path(grid).stem
         data = load_grid(grid, overrides)
     else:
-        data = apply_overrides(grid, list(overrides))
+        data = apply_grid_overrides(grid, overrides)
     root = _output_root(data, out, default_name)
     points = name_points(expand_grid(data))
     validate_points(points)
@@ -360,7 +388,6 @@ def plan(
         p.config = dataclasses.replace(
             p.config, log=dataclasses.replace(p.config.log, out=str(root / p.name))
         )
-    shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
     return root, points, select_shard(points, shard_t)
 
 
