@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test data setup lint bench clean
+.PHONY: demo demo-grid test data setup lint bench clean
 
 setup: $(STAMP) data
 
@@ -34,6 +34,11 @@ data:
 
 demo: setup
 	$(VENV)/bin/byztrain run experiments/quickstart.yaml --out $(DEMO_OUT)
+
+# The experiments demo: mean vs BTARD under none / sign_flip / ALIE, then the report (figures + tables).
+demo-grid: setup
+	$(VENV)/bin/byztrain sweep experiments/demo.yaml --jobs 2
+	$(VENV)/bin/byztrain report runs/demo
 
 test: setup
 	$(VENV)/bin/pytest -q
