@@ -1,0 +1,92 @@
+"""Split a training set into disjoint per-peer shards: iid, or label-skewed with a Dirichlet prior.
+
+Both splits are deterministic functions of ``(labels, peers, split, alpha, seed)``: all randomness comes
+from ``numpy.random.default_rng(seed)``. Shards are returned sorted (a shard is a set; each peer's sampler,
+driven by its public seed, decides the order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["SPLITS", "default_min_size", "partition"]
+
+SPLITS = ("iid", "dirichlet")
+
+
+def default_min_size(num_samples: int, peers: int) -> int:
+    """The least number of samples a Dirichlet shard gets: one 32-sample batch, but never more than a
+    quarter of an equal share (so small data sets keep their skew), and at least 1."""
+    return max(1, min(32, num_samples // (4 * peers)))
+
+
+def partition(
+    labels: torch.Tensor,
+    peers: int,
+    split: str,
+    alpha: float,
+    seed: int,
+    *,
+    min_size: int | None = None,
+) -> list[torch.Tensor]:
+    """Disjoint int64 index shards, one per peer, that together cover ``range(len(labels))``.
+
+    - ``"iid"``: a random permutation cut into ``peers`` near-equal parts (sizes differ by at most 1);
+      ``alpha`` is ignored.
+    - ``"dirichlet"``: for every class, the class's samples (shuffled) are cut among peers in proportions
+      drawn from Dirichlet(alpha, ..., alpha); small ``alpha`` gives each peer few classes, large ``alpha``
+      approaches iid. Then every peer is topped up to ``min_size`` samples (default
+      ``default_min_size``): while some peer is short, it takes random samples from the currently largest
+      shard. This rebalancing is bounded and deterministic (unlike the common "resample until every shard is
+      big enough" loop, which can run forever for tiny alpha) and moves only a few samples, so the skew
+      is preserved.
+    """
+    y = np.asarray(torch.as_tensor(labels).detach().cpu().numpy()).reshape(-1)
+    n = int(y.shape[0])
+    if peers < 1:
+        raise ValueError(f"partition: peers must be >= 1, got {peers}")
+    if n < peers:
+        raise ValueError(f"partition: cannot give each of {peers} peers a sample from {n} samples")
+    rng = np.random.default_rng(seed)
+    if split == "iid":
+        shards = np.array_split(rng.permutation(n), peers)
+    elif split == "dirichlet":
+        if not alpha > 0:
+            raise ValueError(f"partition: dirichlet alpha must be > 0, got {alpha}")
+        if min_size is None:
+            min_size = default_min_size(n, peers)
+        if not 0 <= min_size <= n // peers:
+            raise ValueError(
+                f"partition: min_size must be in [0, {n // peers}] for {n} samples and "
+                f"{peers} peers, got {min_size}"
+            )
+        shards = _dirichlet(y, peers, float(alpha), min_size, rng)
+    else:
+        raise ValueError(f"partition: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return [torch.from_numpy(np.sort(s).astype(np.int64)) for s in shards]
+
+
+def _dirichlet(
+    y: np.ndarray, peers: int, alpha: float, min_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = [[] for _ in range(peers)]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        proportions = rng.dirichlet(np.full(peers, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(idx)).astype(np.int64)
+        for p, chunk in enumerate(np.split(idx, cuts)):
+            parts[p].append(chunk)
+    shards = [np.concatenate(p) if p else np.empty(0, np.int64) for p in parts]
+    # Top up short shards from the largest one. Feasible because n >= peers * min_size: while a shard is
+    # short, the largest shard holds more than min_size samples.
+    sizes = np.array([len(s) for s in shards])
+    for p in np.argsort(sizes, kind="stable"):
+        while len(shards[p]) < min_size:
+            donor = int(np.argmax([len(s) for s in shards]))
+            take = min(min_size - len(shards[p]), len(shards[donor]) - min_size)
+            pick = rng.permutation(len(shards[donor]))
+            moved, kept = pick[:take], pick[take:]
+            shards[p] = np.concatenate([shards[p], shards[donor][moved]])
+            shards[donor] = shards[donor][kept]
+    return shards
