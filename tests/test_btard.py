@@ -134,18 +134,35 @@ def test_honest_update_is_partitionwise_centered_clip_and_nobody_is_banned(synth
     assert tr.active == list(range(7))
 
 
-def test_validators_sit_out_and_check_the_previous_step(synthetic):
+def test_validators_sit_out_and_check_the_previous_step(synthetic, monkeypatch):
+    asked = []
+    original = Round.sent_gradients
+
+    def spy(self, peers):
+        asked.append(list(peers))
+        return original(self, peers)
+
+    monkeypatch.setattr(Round, "sent_gradients", spy)
     tr = make_trainer(peers=6, validators=1)
     tr.train_step()
+    assert asked[-1] == list(range(6))  # step 1: no previous step, no validator
     rnd = current_round(tr)
     pairs = choose_validators(rnd.shared_random, rnd.step, rnd.active, tr.defense.record.layout.peers, 1)
     ((v, target),) = pairs
     assert v != target
+    checked = []
+    original_audit = __import__("byztrain.protocol.btard", fromlist=["audit"]).audit
+
+    def audit_spy(record, peer, gradient, cache=None):
+        checked.append((record.step, peer))
+        return original_audit(record, peer, gradient, cache)
+
+    monkeypatch.setattr("byztrain.protocol.btard.audit", audit_spy)
     record = tr.train_step()
     assert record["validator_pairs"] == 1 and record["btard_workers"] == 5
-    assert v not in tr.defense.record.layout.peers  # the validator held no partition
-    # its own loss was not computed: it computed no gradient this step
-    assert record["train_loss"] == record["train_loss"]  # not NaN: the others did
+    assert v not in asked[-1] and len(asked[-1]) == 5  # the validator computed no gradient of its own
+    assert v not in tr.defense.record.layout.peers  # and held no partition
+    assert checked == [(1, target)]  # it audited its target's step-1 record
 
 
 # ---- hand-made adversaries: each is banned, and only it -------------------------------------------
@@ -328,6 +345,43 @@ def test_named_protocol_attacks_ban_exactly_the_attackers(synthetic, attack):
     assert all(e["step"] == 3 for e in bans(tr).values())
     if attack == "false_accusation":  # a wrong accusation is resolved by recomputation, not by vote
         assert all("false accusation" in e["reason"] for e in bans(tr).values())
+
+
+def test_run_folder_gets_protocol_stats_and_events(synthetic, tmp_path):
+    import json
+
+    import byztrain
+
+    cfg = {
+        "peers": 6,
+        "byzantine": 2,
+        "attack": {"name": "false_accusation", "start": 3},
+        "defense": {"name": "btard"},
+        "train": {"steps": 6, "eval_every": 6, "batch_size": 8},
+        "log": {"out": str(tmp_path), "every": 2, "tensorboard": False},
+    }
+    summary = byztrain.run(cfg, quiet=True)
+    assert summary["honest_banned"] == 0 and sorted(map(int, summary["banned"])) == summary["byzantine_peers"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    for key in (
+        "active_peers",
+        "btard_workers",
+        "cclip_iters_mean",
+        "cclip_iters_max",
+        "cclip_clipped",
+        "check_residual_max",
+        "validator_pairs",
+        "accusations",
+        "bans",
+    ):
+        assert key in last, key
+    assert last["active_peers"] == 4
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds.count("ban") == 2 and kinds.count("accuse") == 2
+    for e in events:
+        assert {"step", "type", "peer", "by", "reason"} <= set(e) and e["step"] == 3
 
 
 def test_params_are_validated():
