@@ -7,11 +7,18 @@ from pathlib import Path
 from byztrain.config import Config
 
 
-def run(config: Config | dict | str | Path, *, quiet: bool = False, overrides: list[str] | None = None) -> dict:
+def run(
+    config: Config | dict | str | Path,
+    *,
+    quiet: bool = False,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+) -> dict:
     """Run one training run and return its summary (also written to <log.out>/summary.json).
 
     `config` may be a Config, a plain mapping, or a path to a YAML file; `overrides` are dotted
-    `key=value` strings applied on top.
+    `key=value` strings applied on top. `resume=True` continues from the last checkpoint in the run folder
+    (docs/distributed.md): only runtime.* and log.* may differ from the run's saved config.
     """
     if isinstance(config, (str, Path)):
         config = Config.load(config, overrides)
@@ -24,7 +31,7 @@ def run(config: Config | dict | str | Path, *, quiet: bool = False, overrides: l
     if config.runtime.kind == "distributed":
         from byztrain.runtime.distributed import run_distributed
 
-        return run_distributed(config, progress=not quiet)
+        return run_distributed(config, progress=not quiet, resume=resume)
     from byztrain.runtime.simulated import run_simulated
 
-    return run_simulated(config, progress=not quiet)
+    return run_simulated(config, progress=not quiet, resume=resume)

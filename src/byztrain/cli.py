@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXAMPLES = """\
@@ -12,6 +13,8 @@ examples:
   byztrain run experiments/quickstart.yaml       # a config file
   byztrain run defense.name=btard byzantine=7 attack.name=sign_flip attack.start=200
   byztrain run cfg.yaml train.lr=0.05 peers=32 --out runs/lr05
+  byztrain run cfg.yaml runtime.kind=distributed # one process per peer (docs/distributed.md)
+  byztrain run --resume --out runs/lr05          # continue from the run folder's last checkpoint
   byztrain sweep experiments/demo.yaml --jobs 2  # a grid: every list-valued key expands
   byztrain report runs/demo                      # results.csv, report.md and figures
   byztrain bench --json                          # performance ratios
@@ -33,24 +36,31 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
     return config_path, overrides
 
 
-def _load_config(items: list[str], out: str | None):
+def _load_config(items: list[str], out: str | None, resume: bool = False):
+    from pathlib import Path
+
     from byztrain.config import Config
 
     path, overrides = _split_config_and_overrides(items)
     if out:
         overrides.append(f"log.out={out}")
     if path is None:
-        return Config.from_dict({}).with_overrides(overrides)
+        config = Config.from_dict({}).with_overrides(overrides)
+        saved = Path(config.out_dir) / "config.yaml"
+        if resume and saved.exists():
+            # `byztrain run --resume --out DIR [key=value ...]`: the run's own config, overrides on top
+            return Config.load(saved, overrides)
+        return config
     return Config.load(path, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from byztrain.api import run
 
-    config = _load_config(args.items, args.out)
-    if args.resume:
-        config = config.with_overrides(["runtime.resume=true"]) if hasattr(config.runtime, "resume") else config
-    summary = run(config, quiet=args.quiet)
+    config = _load_config(args.items, args.out, args.resume)
+    summary = run(config, quiet=args.quiet, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun: rank 0 reports for the run
     if not args.quiet:
         print(f"finished {config.name}: final test accuracy {summary['final_test_accuracy']:.4f}, "
               f"{summary['wall_seconds']:.1f} s, outputs in {config.out_dir}")
@@ -78,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     p.add_argument("--out", help="run folder (default runs/<name>); same as log.out=DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar; print the summary as JSON")
-    p.add_argument("--resume", action="store_true", help="resume from the run folder's checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's last checkpoint (runtime.checkpoint_every); without CONFIG.yaml "
+        "the folder's config.yaml is used; a finished run just prints its summary",
+    )
     p.set_defaults(func=cmd_run)
 
     _register_optional_commands(sub)

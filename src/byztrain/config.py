@@ -85,6 +85,9 @@ class RuntimeConfig:
     device: str = "cpu"
     timeout_s: float = 120.0
     threads: int | None = None
+    # Steps between checkpoints in the run folder (`byztrain run --resume` continues from the last one).
+    # null = the runtime's default: off (0) for simulated, every 50 steps for distributed; 0 = off.
+    checkpoint_every: int | None = None
 
 
 @dataclass
@@ -146,6 +149,7 @@ class Config:
         data = self.to_dict()
         data.pop("log", None)
         data["runtime"].pop("threads", None)
+        data["runtime"].pop("checkpoint_every", None)
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -216,6 +220,11 @@ class Config:
         )
         _check(r.timeout_s > 0, "runtime.timeout_s", f"must be > 0, got {r.timeout_s}")
         _check(r.threads is None or r.threads >= 1, "runtime.threads", f"must be null or >= 1, got {r.threads}")
+        _check(
+            r.checkpoint_every is None or r.checkpoint_every >= 0,
+            "runtime.checkpoint_every",
+            f"must be null (runtime default), 0 (off) or a number of steps >= 1, got {r.checkpoint_every}",
+        )
         _check(self.log.every >= 1, "log.every", f"must be >= 1, got {self.log.every}")
         return self
 

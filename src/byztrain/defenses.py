@@ -67,7 +67,9 @@ class AggregatorDefense(Defense):
         return n
 
     def step(self, rnd: Round) -> StepResult:
-        grads = rnd.sent_gradients(rnd.active)
+        # SPMD: each process computes its own peers' gradients; the server's input is their all-gather
+        # (in the simulator: every peer is local, the same (n, d) tensor as before, bitwise).
+        _, grads = rnd.gather_sent_gradients()
         for pre in self.pre:
             grads = pre(grads)
         update = self.aggregate(grads)
@@ -82,7 +84,8 @@ class MeanDefense(Defense):
     name = "mean"
 
     def step(self, rnd: Round) -> StepResult:
-        return StepResult(rnd.sent_gradients(rnd.active).mean(dim=0))
+        _, grads = rnd.gather_sent_gradients()  # SPMD, as in AggregatorDefense
+        return StepResult(grads.mean(dim=0))
 
 
 def _baseline_names() -> list[str]:

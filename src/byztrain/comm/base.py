@@ -8,6 +8,7 @@ or crashed peer); receivers must treat absence as a protocol fault, never block 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from typing import Any
@@ -28,11 +29,27 @@ def message_bytes(obj: Any) -> int:
     return 8
 
 
+class PeerExcluded(RuntimeError):
+    """Raised in a process whose peers are all left out of an all-gather: the others have banned them (or
+    count them as crashed), so this process has nothing more to take part in. The runtime stops it."""
+
+
 class Collective(ABC):
     def __init__(self, local_peers: list[int]):
         self.local_peers = list(local_peers)
         self.sent_bytes: dict[int, int] = defaultdict(int)
         self.received_bytes: dict[int, int] = defaultdict(int)
+        self.accounting = True  # False inside `unaccounted()`
+
+    @contextlib.contextmanager
+    def unaccounted(self):
+        """Messages inside this block are not counted (e.g. the honest gradients an omniscient adversary is
+        given: they model the adversary's knowledge, not traffic of the protocol)."""
+        previous, self.accounting = self.accounting, False
+        try:
+            yield
+        finally:
+            self.accounting = previous
 
     @abstractmethod
     def all_gather(self, local: dict[int, Any], peers: list[int]) -> dict[int, Any]:
@@ -43,7 +60,9 @@ class Collective(ABC):
         """outgoing[sender][receiver] -> incoming[receiver][sender], for local receivers."""
 
     @abstractmethod
-    def barrier(self) -> None: ...
+    def barrier(self) -> None:
+        """Wait until every current member has reached the barrier (members: the peers of the last
+        all-gather; a member that does not arrive within the timeout counts as crashed)."""
 
     def take_byte_counts(self) -> tuple[dict[int, int], dict[int, int]]:
         """Bytes sent/received per local peer since the last call (per-step accounting)."""

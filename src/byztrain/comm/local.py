@@ -10,7 +10,7 @@ from byztrain.comm.base import Collective, message_bytes
 class LocalCollective(Collective):
     def all_gather(self, local: dict[int, Any], peers: list[int]) -> dict[int, Any]:
         fanout = max(len(peers) - 1, 0)
-        for sender, msg in local.items():
+        for sender, msg in local.items() if self.accounting else ():
             size = message_bytes(msg)
             self.sent_bytes[sender] += size * fanout
             for p in peers:
@@ -25,7 +25,7 @@ class LocalCollective(Collective):
                 if receiver not in incoming:
                     continue
                 incoming[receiver][sender] = msg
-                if receiver != sender:
+                if receiver != sender and self.accounting:
                     size = message_bytes(msg)
                     self.sent_bytes[sender] += size
                     self.received_bytes[receiver] += size

@@ -78,12 +78,21 @@ class Round:
             g, _ = self.workload.gradient(x, y, out)
         return g
 
-    def sent_gradients(self, peers: list[int]) -> torch.Tensor:
+    def sent_gradients(self, peers: list[int], senders: list[int] | None = None) -> torch.Tensor:
         """(len(peers), d): what each listed peer sends this step, attacks applied.
 
-        Honest peers (and Byzantine peers outside the attack window) send their true gradient. Omniscient
-        attacks see the honest gradients among `peers`.
+        SPMD: `peers` are peers hosted by this process (in the simulator, any peers). `senders` are all the
+        peers that send a gradient this step (default: `peers`); omniscient attacks see the honest gradients
+        among them. Honest peers (and Byzantine peers outside the attack window) send their true gradient.
+
+        When some senders live in other processes (the distributed runtime) and an omniscient attack is on,
+        every process hosting an honest sender passes its true gradient to the processes hosting the
+        omniscient attackers (one all-to-all, not counted in the byte accounting). This models an omniscient
+        adversary -- one that sees every honest gradient of the step, as these attacks assume -- and is not
+        a message of the protocol: honest processes know who the attackers are only to play that part. With
+        every sender local (the simulator) no message is exchanged and the result is what it always was.
         """
+        senders = list(peers) if senders is None else list(senders)
         out = torch.empty(len(peers), self.workload.dim, device=self.workload.device)
         omniscient: list[tuple[int, Attack]] = []
         honest_rows: list[int] = []
@@ -105,16 +114,69 @@ class Round:
             out[row] = attack.on_gradient(g, ctx)
             if attack.is_omniscient:
                 omniscient.append((row, attack))
-        if omniscient:
-            honest = out[honest_rows]
-            honest_peers = tuple(peers[r] for r in honest_rows)
-            for row, attack in omniscient:
-                ctx = self.context(peers[row])
-                ctx.extra["honest_peers"] = honest_peers  # peer id of each row of `honest`
-                v = attack.omniscient(honest, ctx)
-                if v is not None:
-                    out[row] = v
+        if set(senders) <= set(peers):
+            if omniscient:
+                honest = out[honest_rows]
+                honest_peers = tuple(peers[r] for r in honest_rows)
+                self._craft(omniscient, peers, honest, honest_peers, out)
+            return out
+        # Some senders are remote: the adversary's view of the honest gradients comes over the network.
+        crafters = [p for p in senders if self._is_omniscient(p)]
+        if not crafters:
+            return out
+        mine = {peers[r]: out[r] for r in honest_rows}
+        outgoing = {p: {c: g for c in crafters if c != p} for p, g in mine.items()}
+        for p in peers:
+            outgoing.setdefault(p, {})
+        with self.comm.unaccounted():
+            incoming = self.comm.all_to_all(outgoing, senders)
+        for row, attack in omniscient:
+            inbox = incoming.get(peers[row], {})
+            seen = [(p, mine[p] if p in mine else inbox.get(p)) for p in senders if p not in self.byzantine]
+            seen = [(p, g) for p, g in seen if _is_vector(g, self.workload.dim)]  # crashed senders: absent
+            honest = torch.stack([g.to(out.device) for _, g in seen]) if seen else out.new_empty(0, out.shape[1])
+            self._craft([(row, attack)], peers, honest, tuple(p for p, _ in seen), out)
         return out
+
+    def _is_omniscient(self, peer: int) -> bool:
+        """Whether `peer` runs an omniscient attack this step (public in this model: see sent_gradients)."""
+        attack = self.attack(peer)
+        return attack is not None and bool(attack.is_omniscient)
+
+    def _craft(self, omniscient, peers, honest, honest_peers, out) -> None:
+        for row, attack in omniscient:
+            ctx = self.context(peers[row])
+            ctx.extra["honest_peers"] = honest_peers  # peer id of each row of `honest`
+            v = attack.omniscient(honest, ctx)
+            if v is not None:
+                out[row] = v
+
+    def gather_sent_gradients(self, peers: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+        """SPMD: every peer's sent gradient, exchanged through `comm` (a trusted-server baseline's input).
+
+        Returns (senders, (len(senders), d)) in the order of `peers` (default: the active peers). A peer
+        whose gradient does not arrive (crashed, timed out) or is not a d-vector is banned as silent /
+        malformed and left out; in the simulator every peer is local and all of them send.
+        """
+        peers = list(self.active if peers is None else peers)
+        local = set(self.comm.local_peers)
+        mine = [p for p in peers if p in local]
+        rows = self.sent_gradients(mine, senders=peers)
+        got = self.comm.all_gather({p: rows[i] for i, p in enumerate(mine)}, peers)
+        if len(mine) == len(peers):  # everyone local: the rows are already in order
+            return peers, rows
+        senders = []
+        for p in peers:
+            v = got.get(p)
+            if v is None:
+                self.ban(p, "silent: sent no gradient")
+            elif not _is_vector(v, self.workload.dim):
+                self.ban(p, "malformed gradient")
+            else:
+                senders.append(p)
+        if not senders:
+            return [], rows.new_empty(0, self.workload.dim)
+        return senders, torch.stack([got[p].to(rows.device) for p in senders])
 
     # ---- membership -------------------------------------------------------------------------
     def ban(self, peer: int, reason: str, by: int | None = None) -> None:
@@ -125,3 +187,7 @@ class Round:
 
     def is_banned(self, peer: int) -> bool:
         return peer in self.banned_now
+
+
+def _is_vector(v, dim: int) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.shape == (dim,)

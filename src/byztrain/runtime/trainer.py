@@ -1,6 +1,8 @@
-"""The training loop shared by both runtimes: rounds, defense, optimizer, evaluation, logging.
+"""The training loop shared by both runtimes: rounds, defense, optimizer, evaluation, logging, checkpoints.
 
-A runtime differs only in its Collective and in which peers it hosts; the step logic is here once.
+A runtime differs only in its Collective and in which peers it hosts; the step logic is here once. The
+distributed runtime subclasses Trainer only to gather telemetry (losses, bytes, events) to its writer, to
+stop a process whose peer was banned, and to route checkpoint files through rank 0 (runtime/distributed.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from byztrain.attacks import Attack, attack_active, build_attack
 from byztrain.comm import Collective, LocalCollective
 from byztrain.config import Config
 from byztrain.defenses import Defense, build_defense
+from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime.outputs import RunWriter
 from byztrain.runtime.round import History, Round
 from byztrain.runtime.workload import Workload, public_seed
@@ -79,6 +82,14 @@ class Trainer:
         self.step = 0
         self.test_accuracy: float | None = None
         self.best_accuracy: float | None = None
+        self.evaluates = True  # the distributed runtime evaluates on the writer (rank 0) only
+        self.checkpoint_every = ckpt.checkpoint_every(config)
+        self.final_checkpoint = self.checkpoint_every > 0
+        self.elapsed_before = 0.0  # seconds run before a resume
+        # per-step telemetry until the logging window is merged: step -> {peer: loss} / traffic record
+        self._window: list[dict] = []
+        self._losses: dict[int, dict[int, float]] = {}
+        self._traffic: dict[int, dict] = {}
 
     # ---- events --------------------------------------------------------------------------------
     def _emit(self, type: str, peer: int | None = None, by: int | None = None, reason: str = "", **extra) -> None:
@@ -126,6 +137,14 @@ class Trainer:
                 self.active.remove(peer)
                 self.banned[peer] = step
 
+        sent, received = self.comm.take_byte_counts()
+        local = [p for p in self.comm.local_peers if p in rnd.active]  # an explicit 0 is a count, absence is not
+        self._traffic[step] = {
+            "active": list(rnd.active),
+            "sent": {p: sent.get(p, 0) for p in local},
+            "received": {p: received.get(p, 0) for p in local},
+        }
+        self._losses[step] = dict(rnd.losses)
         losses = list(rnd.losses.values())
         record = {
             "train_loss": sum(losses) / len(losses) if losses else float("nan"),
@@ -136,6 +155,8 @@ class Trainer:
         return record
 
     def evaluate(self) -> dict:
+        if not self.evaluates:
+            return {}
         loss, acc = self.workload.evaluate()
         self.test_accuracy = acc
         self.best_accuracy = acc if self.best_accuracy is None else max(self.best_accuracy, acc)
@@ -144,22 +165,27 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def run(self, on_step: Callable[[int], None] | None = None) -> dict:
         cfg = self.config
-        started = time.perf_counter()
+        started = time.perf_counter() - self.elapsed_before
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.train.steps, desc=cfg.name, unit="step", dynamic_ncols=True, leave=True)
-        self._log({"step": 0, **self.evaluate(), "active_peers": len(self.active), "banned": []}, started)
-        window: list[dict] = []
+            bar = tqdm(total=cfg.train.steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True,
+                       leave=True)
+        if self.step == 0:
+            self._log({"step": 0, **self.evaluate(), "active_peers": len(self.active), "banned": []}, started)
         while self.step < cfg.train.steps:
             record = self.train_step()
-            window.append(record)
+            self._window.append(record)
             step = self.step
+            self._after_step()
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
-            if step % cfg.log.every == 0 or is_eval:
-                merged = _average(window)
-                window = []
+            is_log = step % cfg.log.every == 0 or is_eval
+            is_ckpt = self._checkpoint_due(step)
+            if is_log or is_ckpt:
+                self._sync()
+            if is_log:
+                merged = self._merge_window()
                 merged["step"] = step
                 merged["active_peers"] = len(self.active)
                 merged["banned"] = sorted(self.banned)
@@ -167,12 +193,14 @@ class Trainer:
                     merged.update(self.evaluate())
                 self._log(merged, started)
                 if bar is not None:
-                    post = {"loss": f"{merged['train_loss']:.3f}"}
+                    post = {"loss": f"{merged.get('train_loss', float('nan')):.3f}"}
                     if self.test_accuracy is not None:
                         post["acc"] = f"{self.test_accuracy:.3f}"
                     if self.banned:
                         post["banned"] = len(self.banned)
                     bar.set_postfix(post, refresh=False)
+            if is_ckpt:
+                self.save_checkpoint(time.perf_counter() - started)
             if bar is not None:
                 bar.update(1)
             if on_step is not None:
@@ -180,6 +208,115 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self.summary(time.perf_counter() - started)
+
+    # ---- hooks the distributed runtime overrides -------------------------------------------------
+    def _after_step(self) -> None:
+        """Called after every step (distributed: stop a process whose peer is no longer active)."""
+
+    def _sync(self) -> None:
+        """Bring every peer's per-step telemetry to the writer (distributed: a gather to rank 0)."""
+
+    def _checkpoint_due(self, step: int) -> bool:
+        if step == self.config.train.steps:
+            return self.final_checkpoint
+        return self.checkpoint_every > 0 and step % self.checkpoint_every == 0
+
+    # ---- logging window ------------------------------------------------------------------------
+    def _merge_window(self) -> dict:
+        """Average the window's records, with the per-step honest loss and byte counts (all peers)."""
+        steps = list(range(self.step - len(self._window) + 1, self.step + 1))
+        per_peer_sent: dict[int, list[int]] = {}
+        per_peer_recv: dict[int, list[int]] = {}
+        for step, record in zip(steps, self._window, strict=True):
+            losses = self._losses.pop(step, None)
+            if losses is not None:
+                vals = [v for _, v in sorted(losses.items())]
+                record["train_loss"] = sum(vals) / len(vals) if vals else float("nan")
+            traffic = self._traffic.pop(step, None)
+            if traffic is None:
+                continue
+            reported = [p for p in traffic["active"] if p in traffic["sent"]]  # a crashed peer reports nothing
+            sent = [traffic["sent"][p] for p in reported]
+            recv = [traffic["received"].get(p, 0) for p in reported]
+            for p, v in zip(reported, sent, strict=True):
+                per_peer_sent.setdefault(p, []).append(v)
+            for p, v in zip(reported, recv, strict=True):
+                per_peer_recv.setdefault(p, []).append(v)
+            if sent:
+                record["bytes_sent_mean"] = sum(sent) / len(sent)
+                record["bytes_sent_max"] = max(sent)
+                record["bytes_received_mean"] = sum(recv) / len(recv)
+                record["bytes_received_max"] = max(recv)
+        merged = _average(self._window)
+        self._window = []
+        if per_peer_sent:
+            # bytes per step of each peer over the window (null: not active in the window)
+            merged["bytes_sent_per_peer"] = [
+                sum(per_peer_sent[p]) / len(per_peer_sent[p]) if p in per_peer_sent else None
+                for p in range(self.config.peers)
+            ]
+            merged["bytes_received_per_peer"] = [
+                sum(per_peer_recv[p]) / len(per_peer_recv[p]) if p in per_peer_recv else None
+                for p in range(self.config.peers)
+            ]
+        return merged
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self, elapsed: float) -> dict:
+        """What every honest peer holds identically (see runtime/checkpoint.py)."""
+        return {
+            "version": 1,
+            "config_hash": self.config.config_hash(),
+            "step": self.step,
+            "params": self.workload.flat_params.detach().cpu().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "active": list(self.active),
+            "banned": dict(self.banned),
+            "shared_random": self.shared_random,
+            "previous": self.previous,
+            "test_accuracy": self.test_accuracy,
+            "best_accuracy": self.best_accuracy,
+            "defense": ckpt.object_state(self.defense),
+            "window": self._window,
+            "losses": self._losses,
+            "traffic": self._traffic,
+            "elapsed": elapsed,
+        }
+
+    def attack_states(self) -> dict[int, bytes]:
+        """Serialized attack state of the Byzantine peers hosted here."""
+        local = set(self.comm.local_peers)
+        return {p: ckpt.to_bytes(a) for p, a in self.attacks.items() if p in local}
+
+    def load_state(self, state: dict, attacks: dict[int, bytes]) -> None:
+        self.step = int(state["step"])
+        self.workload.flat_params.copy_(state["params"].to(self.workload.flat_params.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.active = list(state["active"])
+        self.banned = {int(k): int(v) for k, v in state["banned"].items()}
+        self.shared_random = state["shared_random"]
+        prev = state["previous"]
+        if prev is not None:
+            prev.params = prev.params.to(self.device)
+        self.previous = prev
+        self.test_accuracy = state["test_accuracy"]
+        self.best_accuracy = state["best_accuracy"]
+        ckpt.restore_object_state(self.defense, state["defense"])
+        self._window = list(state["window"])
+        self._losses = dict(state["losses"])
+        self._traffic = dict(state["traffic"])
+        self.elapsed_before = float(state["elapsed"])
+        local = set(self.comm.local_peers)
+        for peer, blob in attacks.items():
+            if peer in self.attacks and peer in local:
+                self.attacks[peer] = ckpt.from_bytes(blob)
+
+    def save_checkpoint(self, elapsed: float) -> None:
+        if self.writer is None:
+            return
+        ckpt.write(
+            self.writer.dir, self.config, self.step, ckpt.to_bytes(self.state_dict(elapsed)), self.attack_states()
+        )
 
     def _log(self, record: dict, started: float) -> None:
         record = {"step": record.pop("step"), **record, "time_s": round(time.perf_counter() - started, 3)}

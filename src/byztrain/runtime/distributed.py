@@ -1,0 +1,390 @@
+"""Distributed runtime: one process per peer on torch.distributed (gloo), on one host or many.
+
+`run_distributed(config)` either
+- spawns `config.peers` local processes (one thread each, 127.0.0.1, a TCPStore hosted by this parent
+  process, which therefore outlives any peer), or
+- when started by `torchrun` (env RANK / WORLD_SIZE set), joins as that rank through env:// (multi-host).
+
+Every process builds the same Trainer with a `TorchCollective` hosting its one peer (peer id == rank) and
+runs the same step code as the simulator; Byzantine peers are real processes running the attack hooks.
+Rank 0 (peer 0, always honest: `choose_byzantine` never draws it) evaluates and writes the run folder with
+the simulator's contract: at every logging step it gathers the other ranks' losses, byte counts and any
+events it did not itself record (tagged with `rank`), so metrics.jsonl has the same fields and
+events.jsonl the same events; summary.json is written by rank 0 at the end.
+
+Faults (docs/distributed.md has the full table):
+- a peer process other than rank 0 crashes or hangs: it is absent from the collectives (at once for a
+  crash, after runtime.timeout_s for a hang), the protocol bans it as silent (BTARD; the baselines ban a
+  peer whose gradient does not arrive) and the run goes on without it;
+- rank 0 (the writer) dies, or at least half of a step's peers vanish at once (no quorum: this process may
+  be the one cut off): the run stops. Local launch: the parent stops every process and raises
+  `DistributedRunError` naming the last checkpoint; `byztrain run --resume` continues from it. Under
+  torchrun the agent stops the group; with `--max-restarts N` it restarts it and the run resumes by itself
+  (TORCHELASTIC_RESTART_COUNT > 0 implies --resume);
+- a banned peer's process stops (exit code 0): nobody talks to it any more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from byztrain.comm import PeerExcluded
+from byztrain.comm.torch_dist import NO_TIMEOUT, TorchCollective
+from byztrain.config import Config, ConfigError
+from byztrain.runtime import checkpoint as ckpt
+from byztrain.runtime.outputs import RunWriter
+from byztrain.runtime.trainer import Trainer
+
+WRITER = 0
+EXIT_STOPPED = 75  # the run stopped cleanly (writer lost / no quorum); resume from the checkpoint
+#: test / chaos hook: "RANK@STEP[,RANK@STEP...]" -> that rank SIGKILLs itself right after finishing STEP
+FAULT_ENV = "BYZTRAIN_FAULT_KILL"
+#: debugging: print every event of every rank to stderr as it happens (diverging views show at once)
+DEBUG_ENV = "BYZTRAIN_DEBUG_EVENTS"
+
+
+class DistributedRunError(RuntimeError):
+    """The distributed run stopped before the end; the message says why and how to resume."""
+
+
+class _Stop(Exception):
+    def __init__(self, code: int, why: str):
+        super().__init__(why)
+        self.code = code
+
+
+class DistributedTrainer(Trainer):
+    """A Trainer hosting one peer; only the telemetry and checkpoint plumbing differ (see Trainer)."""
+
+    def __init__(self, config: Config, comm: TorchCollective, writer: RunWriter | None, progress: bool):
+        super().__init__(config, comm=comm, writer=writer, progress=progress)
+        self.rank = comm.rank
+        self.evaluates = self.rank == WRITER
+        self.final_checkpoint = True  # the final parameters are only in the checkpoint
+        self._own_events: list[dict] = []  # writer: its events since the last sync (to de-duplicate)
+        self._buffer: list[dict] = []  # others: events not yet shipped to the writer
+
+    def _emit(self, type: str, peer: int | None = None, by: int | None = None, reason: str = "", **extra) -> None:
+        rec = {"step": self.step, "type": type, "peer": peer, "by": by, "reason": reason, **extra}
+        if os.environ.get(DEBUG_ENV):
+            print(f"[rank {self.rank}] {rec}", file=sys.stderr, flush=True)
+        if self.writer is not None:
+            self.writer.event(rec)
+            self._own_events.append(rec)
+        else:
+            self._buffer.append(rec)
+
+    def _after_step(self) -> None:
+        for e in self.comm.take_log():
+            if self.rank == WRITER:  # the writer's view of the transport; other ranks' would repeat it
+                self._emit(e["type"], peer=e["peer"], reason=e["reason"], by=None)
+        if self.rank not in self.active:
+            raise _Stop(0, f"peer {self.rank} was banned at step {self.banned.get(self.rank)}; its process stops")
+        if WRITER not in self.active:
+            raise _Stop(EXIT_STOPPED, f"the writer (peer {WRITER}) left the run at step {self.step}")
+        before = self._traffic.get(self.step, {}).get("active", self.active)
+        if len(before) > 2 and 2 * (len(before) - len(self.active)) >= len(before):
+            raise _Stop(
+                EXIT_STOPPED,
+                f"{len(before) - len(self.active)} of {len(before)} peers vanished at step {self.step}: no quorum",
+            )
+
+    def _sync(self) -> None:
+        payload = None
+        if self.rank != WRITER:
+            payload = {"losses": self._losses, "traffic": self._traffic, "events": self._buffer}
+            self._losses, self._traffic, self._buffer = {}, {}, []
+        with self.comm.unaccounted():
+            got = self.comm.gather_to(WRITER, payload, list(self.active))
+        if got is None:
+            return
+        own: dict[str, int] = {}
+        for e in self._own_events:
+            key = json.dumps(e, sort_keys=True, default=str)
+            own[key] = own.get(key, 0) + 1
+        self._own_events = []
+        for r, msg in sorted(got.items()):
+            if r == WRITER or not isinstance(msg, dict):
+                continue
+            for step, losses in (msg.get("losses") or {}).items():
+                if isinstance(losses, dict) and step in self._losses:
+                    self._losses[step].update({p: v for p, v in losses.items() if p == r})
+            for step, t in (msg.get("traffic") or {}).items():
+                if isinstance(t, dict) and step in self._traffic:
+                    for key in ("sent", "received"):
+                        self._traffic[step][key].update({p: v for p, v in (t.get(key) or {}).items() if p == r})
+            unmatched = dict(own)  # each rank's events are matched against the writer's own, separately
+            for e in msg.get("events") or []:
+                key = json.dumps(e, sort_keys=True, default=str)
+                if unmatched.get(key, 0) > 0:
+                    unmatched[key] -= 1  # the writer recorded the same event itself
+                elif isinstance(e, dict) and self.writer is not None:
+                    self.writer.event({**e, "rank": r})
+
+    def save_checkpoint(self, elapsed: float) -> None:
+        blobs = self.attack_states()
+        with self.comm.unaccounted():
+            got = self.comm.gather_to(WRITER, blobs, list(self.active))
+        if got is None or self.writer is None:
+            return
+        attacks = {}
+        for r, d in got.items():
+            if isinstance(d, dict) and isinstance(d.get(r), bytes):
+                attacks[r] = d[r]  # a process ships only its own peer's state
+        ckpt.write(self.writer.dir, self.config, self.step, ckpt.to_bytes(self.state_dict(elapsed)), attacks)
+
+    def load_state(self, state: dict, attacks: dict[int, bytes]) -> None:
+        super().load_state(state, attacks)
+        if self.rank != WRITER:  # the writer's telemetry of the partial window stays with the writer
+            self._window, self._losses, self._traffic = [], {}, {}
+        self.comm.members = list(self.active)
+
+
+# ---- one rank ----------------------------------------------------------------------------------------
+
+
+def _fault_step(rank: int) -> int | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    for item in spec.split(","):
+        if "@" in item:
+            r, s = item.split("@", 1)
+            if int(r) == rank:
+                return int(s)
+    return None
+
+
+def _start_state(comm: TorchCollective, config: Config, resume: bool):
+    """Rank 0 decides how the run starts (fresh / from a checkpoint / already finished / abort) and sends
+    each rank what it needs: the common state and that rank's own attack state. Only rank 0 reads files."""
+    world = comm.world_size
+    outgoing = {}
+    error = None
+    info = finished = None
+    if comm.rank == WRITER:
+        plan: dict = {"kind": "fresh"}
+        common = b""
+        attacks: dict[int, bytes] = {}
+        if resume:
+            try:
+                info, finished = ckpt.prepare_resume(config, config.out_dir)
+            except ConfigError as exc:
+                error = exc
+        if error is not None:
+            plan = {"kind": "abort", "reason": str(error)}
+        elif finished is not None:
+            plan = {"kind": "finished", "summary": finished}
+        elif info is not None:
+            try:
+                common, attacks = ckpt.read(info)
+                plan = {"kind": "resume", "step": int(info["step"])}
+            except OSError as exc:
+                error = ConfigError("<resume>", f"cannot read the checkpoint {info['path']}: {exc}")
+                plan = {"kind": "abort", "reason": str(error)}
+        elif not resume:
+            ckpt.clear(config.out_dir)
+        outgoing = {WRITER: {r: {**plan, "common": common, "attack": attacks.get(r)} for r in range(world)}}
+    with comm.unaccounted():
+        got = comm.all_to_all(outgoing, list(range(world)))
+    msg = got.get(comm.rank, {}).get(WRITER)
+    if error is not None:
+        raise error
+    if not isinstance(msg, dict):
+        raise _Stop(EXIT_STOPPED, "no start message from rank 0")
+    return msg, info
+
+
+def _rank_main(config: Config, rank: int, world: int, store, progress: bool, resume: bool) -> tuple[int, dict | None]:
+    """Run one rank to the end. Returns (exit code, summary or None)."""
+    if config.runtime.device.startswith("cuda") and torch.cuda.is_available() and ":" not in config.runtime.device:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    if store is not None:
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=NO_TIMEOUT)
+    else:
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=NO_TIMEOUT)
+    comm = TorchCollective(rank, world, timeout_s=config.runtime.timeout_s, device=config.runtime.device)
+    msg, info = _start_state(comm, config, resume)
+    if msg["kind"] == "abort":
+        raise ConfigError("<resume>", msg.get("reason", "rank 0 refused to resume"))
+    if msg["kind"] == "finished":
+        return 0, msg["summary"]
+    writer = None
+    if rank == WRITER:
+        writer = RunWriter(config, config.out_dir, resume=msg["kind"] == "resume")
+    code, summary = 0, None
+    try:
+        trainer = DistributedTrainer(config, comm, writer, progress and rank == WRITER)
+        if msg["kind"] == "resume":
+            trainer.load_state(ckpt.from_bytes(msg["common"]), {rank: msg["attack"]} if msg["attack"] else {})
+            if writer is not None:
+                writer.event(ckpt.resume_event(info, "distributed"))
+        comm.take_byte_counts()
+        if rank not in trainer.active:
+            return 0, None  # banned before the checkpoint: nothing to do
+        kill_at = _fault_step(rank)
+
+        def on_step(step: int) -> None:
+            if step == kill_at:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        try:
+            summary = trainer.run(on_step=on_step if kill_at is not None else None)
+        except _Stop as stop:
+            code = stop.code
+            if code:
+                print(f"byztrain rank {rank}: {stop}", file=sys.stderr)
+            return code, None
+        except PeerExcluded:
+            return 0, None
+        if writer is not None:
+            writer.summary(summary)
+        # closing exchange: everyone still active learns the summary (and it doubles as a final barrier)
+        with comm.unaccounted():
+            got = comm.all_gather({rank: summary if rank == WRITER else None}, list(trainer.active))
+        summary = got.get(WRITER) or summary
+        comm.flush(min(comm.timeout_s, 30.0))  # let the others take our last messages before we exit
+        return code, summary
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _spawned(config: Config, rank: int, world: int, port: int, progress: bool, resume: bool) -> None:
+    """Entry point of a locally spawned peer process."""
+    torch.set_num_threads(config.runtime.threads or 1)
+    code = 1
+    try:
+        store = dist.TCPStore(
+            "127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=max(config.runtime.timeout_s, 300))
+        )
+        code, _ = _rank_main(config, rank, world, store, progress, resume)
+    except ConfigError as exc:
+        print(f"byztrain rank {rank}: {exc}", file=sys.stderr)
+        code = 2
+    except BaseException:  # noqa: BLE001 - report, then exit without running atexit handlers
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pending daemon threads may be blocked in gloo on a dead peer: do not join them
+
+
+# ---- the entry point -------------------------------------------------------------------------------
+
+
+def under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_distributed(config: Config, *, progress: bool = True, resume: bool = False) -> dict:
+    if under_launcher():
+        return _run_launched(config, progress, resume)
+    return _run_local(config, progress, resume)
+
+
+def _run_launched(config: Config, progress: bool, resume: bool) -> dict:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != config.peers:
+        raise ConfigError(
+            "peers", f"the launcher started {world} processes but the config has peers={config.peers}: one each"
+        )
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        resume = True  # torchrun --max-restarts: a restarted group continues from the checkpoint
+    torch.set_num_threads(config.runtime.threads or 1)
+    code, summary = _rank_main(config, rank, world, None, progress, resume)
+    if code:
+        raise DistributedRunError(f"rank {rank} stopped (exit code {code}); resume with `byztrain run --resume`")
+    if summary is None:  # a banned peer's process
+        return {"name": config.name, "rank": rank, "stopped": "banned", "final_test_accuracy": None}
+    return summary
+
+
+def _run_local(config: Config, progress: bool, resume: bool) -> dict:
+    import torch.multiprocessing as mp
+
+    world = config.peers
+    run_dir = Path(config.out_dir)
+    if resume:
+        ckpt.check_resumable(config, run_dir)  # fail here, with the message, rather than in every child
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=max(config.runtime.timeout_s, 300)),
+    )
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(
+            target=_spawned,
+            name=f"byztrain-rank{r}",
+            args=(config, r, world, store.port, progress, resume),
+        )
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    reported: set[int] = set()
+    try:
+        while procs[WRITER].exitcode is None:
+            for r, p in enumerate(procs):
+                if r != WRITER and p.exitcode not in (None, 0) and r not in reported:
+                    reported.add(r)
+                    print(f"byztrain: rank {r} exited with {_describe(p.exitcode)}; the run goes on without it",
+                          file=sys.stderr)
+            procs[WRITER].join(0.2)
+        code = procs[WRITER].exitcode
+        grace = time.monotonic() + (10.0 if code == 0 else 0.0)
+        for p in procs:
+            p.join(max(grace - time.monotonic(), 0.0))
+    finally:
+        _stop_all(procs)
+    if code == 0 and (run_dir / "summary.json").exists():
+        return json.loads((run_dir / "summary.json").read_text())
+    if code == 2:
+        raise ConfigError("<resume>", "rank 0 refused the run (see its message above)")
+    info = ckpt.latest(run_dir)
+    where = (
+        f"the last checkpoint is at step {info['step']}" if info else "there is no checkpoint yet (it restarts)"
+    )
+    raise DistributedRunError(
+        f"the distributed run stopped: rank 0 (the writer) exited with {_describe(code)}; metrics written so far "
+        f"are in {run_dir}; {where}: continue with `byztrain run --resume --out {run_dir}`"
+    )
+
+
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+def _stop_all(procs) -> None:
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    deadline = time.monotonic() + 5.0
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0.0))
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+            p.join(1.0)

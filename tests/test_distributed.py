@@ -1,0 +1,278 @@
+"""Distributed runtime: message codec, checkpoint/resume, simulated-vs-distributed parity, fault behaviour.
+
+Process launches are slow on a shared 2-core machine (each process imports torch), so there are four of
+them in this file: two parity runs and the two halves of the fault test. Data: a small synthetic task in
+the canonical IDX format (1200 training images), written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import signal
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import byztrain
+from byztrain import Config
+from byztrain.comm.torch_dist import MessageError, decode, encode
+from byztrain.runtime import checkpoint as ckpt
+from byztrain.runtime.distributed import FAULT_ENV, DistributedRunError
+from byztrain.runtime.outputs import WALL_CLOCK_FIELDS
+from byztrain.runtime.trainer import Trainer, choose_byzantine
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A 10-class 28x28 task with labels from a random linear teacher, as gzipped IDX files."""
+    out = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(28 * 28, 10))
+    for split, n in (("train", 1200), ("t10k", 200)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = ((x.reshape(n, -1) / 255.0 - 0.5) @ teacher).argmax(1).astype(np.uint8)
+        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
+            head = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape)
+            (out / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(head + arr.tobytes(), compresslevel=1))
+    return out
+
+
+def _config(data_dir, out, *, kind="simulated", peers=4, steps=30, **over) -> Config:
+    data = {
+        "name": "dist",
+        "seed": 3,
+        "peers": peers,
+        "byzantine": 1,
+        "attack": {"name": "sign_flip"},
+        "defense": {"name": "mean"},
+        "task": {"data_dir": str(data_dir)},
+        "train": {"steps": steps, "eval_every": steps, "batch_size": 16},
+        # threads=1 in both runtimes: see test_parity for why bitwise equality needs it
+        "runtime": {"kind": kind, "timeout_s": 60, "threads": 1, "checkpoint_every": 10},
+        "log": {"out": str(out), "every": 5, "tensorboard": False},
+    }
+    for key, value in over.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
+    return Config.from_dict(data)
+
+
+def _final_state(run_dir) -> dict:
+    info = ckpt.latest(run_dir)
+    assert info is not None, f"no checkpoint in {run_dir}"
+    return ckpt.from_bytes(ckpt.read(info)[0])
+
+
+def _rows(run_dir, name="metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    """Fields both runtimes must agree on (bytes differ: the wire format adds headers; cclip statistics are
+    per aggregator process; times differ)."""
+    keep = ("step", "train_loss", "test_accuracy", "test_loss", "active_peers", "banned", "update_norm")
+    return [{k: r[k] for k in keep if k in r} for r in rows]
+
+
+# ---- no processes ----------------------------------------------------------------------------------
+
+
+def test_codec_round_trips_protocol_messages_and_refuses_code():
+    msg = {
+        3: [(1, "missing", None), (2, "bad part", torch.arange(5, dtype=torch.float32))],
+        "s": (torch.randn(4, 3, dtype=torch.float64), torch.zeros(0)),
+        "c": [b"\x01" * 32, bytearray(b"xy")],
+        "t": torch.tensor(7),
+        "set": {1, 2},
+        "f": float("nan"),
+    }
+    out = decode(encode(msg))
+    assert torch.equal(out[3][1][2], msg[3][1][2]) and out[3][0] == (1, "missing", None)
+    assert torch.equal(out["s"][0], msg["s"][0]) and out["s"][1].shape == (0,)
+    assert out["c"] == [b"\x01" * 32, b"xy"] and out["t"].item() == 7 and out["set"] == {1, 2}
+    # a non-contiguous view is sent as its values
+    v = torch.arange(12.0).reshape(3, 4)[:, 1]
+    assert torch.equal(decode(encode(v)), v)
+    # a Byzantine sender cannot make a receiver run code: no globals are resolved
+    skeleton = pickle.dumps(os.system)  # refers to a global
+    evil = struct.pack("<q", len(skeleton)) + skeleton
+    evil += b"\0" * (-len(evil) % 8)
+    with pytest.raises(MessageError):
+        decode(torch.frombuffer(bytearray(evil), dtype=torch.uint8))
+    with pytest.raises(MessageError):
+        encode({"x": object()})
+    with pytest.raises(MessageError):
+        decode(torch.frombuffer(bytearray(b"\xff" * 16), dtype=torch.uint8))
+
+
+def test_config_checkpoint_every_validated_and_out_of_the_hash():
+    a = Config.from_dict({"runtime": {"checkpoint_every": 5}})
+    assert a.config_hash() == Config.from_dict({}).config_hash()
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        Config.from_dict({"runtime": {"checkpoint_every": -1}})
+    assert ckpt.checkpoint_every(Config.from_dict({})) == 0
+    assert ckpt.checkpoint_every(Config.from_dict({"runtime": {"kind": "distributed"}})) > 0
+
+
+def test_simulated_kill_and_resume_is_bitwise_and_keeps_metrics(data_dir, tmp_path, monkeypatch):
+    """A run killed at step 13 (checkpoints every 5) resumes from step 10 to the same final parameters as an
+    uninterrupted run; metrics lines up to the checkpoint stay as they were, none is duplicated."""
+    over = {"runtime": {"checkpoint_every": 5}, "log": {"every": 1, "tensorboard": False}}
+    full = _config(data_dir, tmp_path / "full", steps=16, defense={"name": "trimmed_mean"}, **over)
+    byztrain.run(full, quiet=True)
+
+    cut = full.with_overrides([f"log.out={tmp_path / 'cut'}"])
+    original = Trainer.train_step
+
+    def dying(self):
+        if self.step == 12:
+            raise KeyboardInterrupt  # stands in for kill -9: nothing after this line runs
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        byztrain.run(cut, quiet=True)
+    before = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(before[-1])["step"] == 12
+    monkeypatch.setattr(Trainer, "train_step", original)
+    summary = byztrain.run(cut, quiet=True, resume=True)
+    assert summary["steps"] == 16
+    after = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert after[:11] == before[:11]  # steps 0..10 untouched
+    assert [json.loads(x)["step"] for x in after] == list(range(17))
+    a, b = _final_state(tmp_path / "full"), _final_state(tmp_path / "cut")
+    assert torch.equal(a["params"], b["params"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK_FIELDS} for r in rows]  # noqa: E731
+    assert strip(_rows(tmp_path / "full")) == strip(_rows(tmp_path / "cut"))
+    assert [e["type"] for e in _rows(tmp_path / "cut", "events.jsonl")] == ["resume"]
+    # a finished run resumes to its summary without running again
+    assert byztrain.run(cut, quiet=True, resume=True)["config_hash"] == summary["config_hash"]
+    # resuming with a different training config is refused, naming the field
+    with pytest.raises(ValueError, match="train.lr"):
+        byztrain.run(cut.with_overrides(["train.lr=0.1"]), quiet=True, resume=True)
+
+
+# ---- processes -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "defense, attack",
+    [
+        ("mean", {"name": "sign_flip", "params": {"scale": -1.0}}),
+        ("btard", {"name": "sign_flip", "start": 3}),
+    ],
+)
+def test_parity_simulated_vs_distributed(data_dir, tmp_path, defense, attack):
+    """Same config and seed, 4 peers, one attacker, 30 steps: the simulator and 4 processes end with the
+    same parameters, bit for bit, and the same bans.
+
+    Why bitwise holds: a gradient is the same sequence of kernels on the same bytes in both runtimes (the
+    minibatch is a function of a public seed, the model has no dropout/BatchNorm), on one intra-op thread
+    each (with several threads, CPU reductions may split differently, so threads=1 is part of the
+    contract); messages carry the exact float32 bytes; every aggregation sees its inputs in the same peer
+    order (the mean over the stacked rows, BTARD's CenteredClip on the same (n, k) partition block); so
+    every process applies the very update the simulator applies, step after step. No tolerance needed.
+    """
+    sim = _config(data_dir, tmp_path / "sim", defense={"name": defense}, attack=attack)
+    dis = _config(data_dir, tmp_path / "dis", kind="distributed", defense={"name": defense}, attack=attack)
+    s_sim = byztrain.run(sim, quiet=True)
+    s_dis = byztrain.run(dis, quiet=True)
+    a, b = _final_state(tmp_path / "sim"), _final_state(tmp_path / "dis")
+    assert a["step"] == b["step"] == 30
+    assert torch.equal(a["params"], b["params"])
+    assert s_sim["banned"] == s_dis["banned"] and a["active"] == b["active"]
+    if defense == "btard":
+        assert s_dis["banned"], "the sign flipper should be caught within 30 steps"
+    assert _comparable(_rows(tmp_path / "sim")) == _comparable(_rows(tmp_path / "dis"))
+    bans = lambda d: [(e["step"], e["peer"], e["reason"]) for e in _rows(d, "events.jsonl") if e["type"] == "ban"]  # noqa: E731
+    assert bans(tmp_path / "sim") == bans(tmp_path / "dis")
+    rows = _rows(tmp_path / "dis")
+    assert all(r["bytes_sent_mean"] > 0 and len(r["bytes_sent_per_peer"]) == 4 for r in rows[1:])
+
+
+@pytest.mark.slow
+def test_fault_kill_honest_and_byzantine_then_writer_and_resume(data_dir, tmp_path, monkeypatch):
+    """kill -9 of an honest and the Byzantine process mid-run: both are banned as silent and the run goes
+    on. Then rank 0 (the writer) is killed after step 23: the run stops with DistributedRunError naming the
+    checkpoint (step 20); `--resume` finishes it. Metrics written before each kill stay intact and no step
+    is logged twice; the resumed run matches the simulator bit for bit up to the crash-induced bans (the
+    simulator cannot lose processes, so the comparison starts from the checkpoint: the simulator resumes a
+    copy of the stopped run folder)."""
+    out = tmp_path / "run"
+    cfg = _config(
+        data_dir,
+        out,
+        kind="distributed",
+        peers=5,
+        steps=30,
+        defense={"name": "btard"},
+        attack={"name": "sign_flip", "start": 1000},  # a sleeper: it would otherwise be caught before the kill
+        log={"every": 1, "tensorboard": False},
+    )
+    byz = choose_byzantine(cfg)[0]
+    honest = next(p for p in range(1, 5) if p != byz)
+    killed_at = {}
+
+    def killer():
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+            except (OSError, ValueError):
+                rows = []
+            if rows and rows[-1]["step"] >= 8:
+                for p in mp.active_children():
+                    if p.name in (f"byztrain-rank{honest}", f"byztrain-rank{byz}"):
+                        os.kill(p.pid, signal.SIGKILL)
+                killed_at["step"] = rows[-1]["step"]
+                killed_at["lines"] = metrics.read_text().splitlines()
+                return
+            time.sleep(0.02)
+
+    monkeypatch.setenv(FAULT_ENV, "0@23")  # rank 0 SIGKILLs itself right after step 23
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    with pytest.raises(DistributedRunError, match="step 20"):
+        byztrain.run(cfg, quiet=True)
+    thread.join(5)
+    assert killed_at, "the processes were not killed"
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines[: len(killed_at["lines"])] == killed_at["lines"]  # intact after the first kills
+    assert [json.loads(x)["step"] for x in lines] == list(range(24))
+    events = _rows(out, "events.jsonl")
+    bans = {e["peer"]: e for e in events if e["type"] == "ban"}
+    assert set(bans) == {honest, byz} and all("silent" in e["reason"] for e in bans.values())
+    assert all(e["step"] <= killed_at["step"] + 2 for e in bans.values())
+
+    replay = tmp_path / "replay"
+    shutil.copytree(out, replay)  # the stopped run, to resume in the simulator below
+    monkeypatch.delenv(FAULT_ENV)
+    summary = byztrain.run(cfg, quiet=True, resume=True)
+    assert summary["steps"] == 30 and set(map(int, summary["banned"])) == {honest, byz}
+    assert summary["honest_banned"] == 1 and summary["byzantine_banned"] == 1
+    resumed = (out / "metrics.jsonl").read_text().splitlines()
+    assert resumed[:21] == lines[:21]  # up to the checkpoint: as written before the writer died
+    assert [json.loads(x)["step"] for x in resumed] == list(range(31))
+    assert [e["type"] for e in _rows(out, "events.jsonl")].count("resume") == 1
+    # the distributed resume continued exactly as the simulator does from the same checkpoint
+    sim = cfg.with_overrides([f"log.out={replay}", "runtime.kind=simulated"])
+    byztrain.run(sim, quiet=True, resume=True)
+    assert torch.equal(_final_state(replay)["params"], _final_state(out)["params"])
