@@ -15,7 +15,8 @@ import struct
 import torch
 import torch.nn.functional as F
 
-from byztrain.config import Config
+from byztrain.config import Config, ConfigError
+from byztrain.runtime.device import configure_determinism
 from byztrain.tasks import build_model, load_dataset, partition
 
 
@@ -29,7 +30,11 @@ class Workload:
     def __init__(self, config: Config, device: torch.device | str = "cpu"):
         self.config = config
         self.device = torch.device(device)
+        configure_determinism(self.device)  # CUDA: deterministic kernels, no TF32 (runtime/device.py)
         self.dataset = load_dataset(config.task.dataset, config.task.data_dir)
+        self.augment = config.task.augment
+        if self.augment and self.dataset.augmentation is None:
+            raise ConfigError("task.augment", f"dataset {config.task.dataset!r} has no augmentation (cifar10 has)")
         self.shards = partition(
             self.dataset.train_y, config.peers, config.task.split, config.task.alpha, config.seed
         )
@@ -61,7 +66,7 @@ class Workload:
             pick = torch.randperm(len(shard), generator=g)[: self.batch_size]
         else:  # tiny shard (extreme non-iid): sample with replacement rather than shrink the batch
             pick = torch.randint(len(shard), (self.batch_size,), generator=g)
-        x, y = self.dataset.train_batch(shard[pick], seed)
+        x, y = self.dataset.train_batch(shard[pick], seed, augment=self.augment)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:

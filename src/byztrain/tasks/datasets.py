@@ -34,6 +34,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -98,8 +99,9 @@ _SPECS: dict[str, _IdxSpec] = {
         apt_package=None,
     ),
 }
-_NOT_YET = {"cifar10": "CIFAR-10 support is not implemented yet (tasks/cifar.py)"}
-DATASET_NAMES = tuple(_SPECS) + tuple(_NOT_YET)
+_NOT_YET: dict[str, str] = {}
+#: "cifar10" is read by tasks/cifar.py (python batches, not IDX); load_dataset and find_data_dir dispatch to it.
+DATASET_NAMES = tuple(_SPECS) + ("cifar10",)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -203,6 +205,10 @@ def find_data_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
 
     Raises ``DatasetNotFoundError`` (listing every directory searched) when there is none; never downloads.
     """
+    if name == "cifar10":
+        from .cifar import find_cifar10
+
+        return find_cifar10(data_dir)
     found, searched, report = _search(name, data_dir)
     if found is None:
         spec = _SPECS[name]
@@ -274,6 +280,8 @@ class Dataset:
     train_y: torch.Tensor = field(repr=False)  # int64 (N,)
     test_x: torch.Tensor = field(repr=False)
     test_y: torch.Tensor = field(repr=False)
+    #: What ``train_batch(..., augment=True)`` does; None: the dataset has no augmentation.
+    augmentation: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         c, s = self.in_channels, self.image_size
@@ -296,10 +304,14 @@ class Dataset:
     def num_test(self) -> int:
         return int(self.test_y.shape[0])
 
-    def train_batch(self, indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(
+        self, indices: torch.Tensor, seed: int, augment: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather training samples ``indices`` (new tensors). ``seed`` drives augmentation: MNIST-family
-        datasets have none, so it is unused here (it is part of the signature for CIFAR-10)."""
+        datasets have none, so it is unused here (CIFAR-10 crops and flips from it, tasks/cifar.py)."""
         del seed
+        if augment:
+            raise ValueError(f"{self.name} has no data augmentation (task.augment is for cifar10)")
         indices = torch.as_tensor(indices, dtype=torch.int64)
         return self.train_x.index_select(0, indices), self.train_y.index_select(0, indices)
 
@@ -349,16 +361,23 @@ def _load_cached(name: str, directory: str) -> Dataset:
 
 def clear_dataset_cache() -> None:
     """Forget the datasets ``load_dataset`` keeps in memory."""
+    from .cifar import clear_cache
+
     _load_cached.cache_clear()
+    clear_cache()
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Dataset:
-    """Load ``name`` ("fashion-mnist", "mnist"; "cifar10" is not implemented yet).
+    """Load ``name`` ("fashion-mnist", "mnist", "cifar10"; CIFAR-10 is read by ``tasks.cifar.load_cifar10``).
 
     Searches as ``find_data_dir`` does; if nothing is found and ``download`` is true, downloads into
     ``~/.cache/byztrain/<name>``. Loaded datasets are cached in-process, keyed by (name, resolved
     directory), so a sweep running many runs in one process reads the files once.
     """
+    if name == "cifar10":
+        from .cifar import load_cifar10
+
+        return load_cifar10(data_dir, download=download)
     spec = _spec(name)
     found, searched, report = _search(name, data_dir)
     if found is None:

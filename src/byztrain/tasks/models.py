@@ -1,7 +1,8 @@
-"""Models: a small, fast CNN for MNIST-family data ("cnn"); ResNet-18 for CIFAR-10 comes later.
+"""Models: a small, fast CNN for MNIST-family data ("cnn"); ResNet-18 for CIFAR-10 ("resnet18", tasks/resnet.py).
 
-Models have no BatchNorm and no dropout, so a gradient is a pure function of (parameters, batch): any peer
-can recompute another peer's gradient exactly, which BTARD's validators rely on.
+A gradient is a pure function of (parameters, batch), so any peer can recompute another peer's gradient
+exactly, which BTARD's validators rely on: the CNN has no BatchNorm and no dropout; ResNet-18's BatchNorm
+trains on batch statistics only and keeps no running buffers in training (tasks/resnet.py, docs/cifar.md).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def build_model(name: str, dataset: Dataset, seed: int) -> nn.Module:
     bit-identical parameters and the caller's global RNG state is left untouched.
     """
     if name == "resnet18":
-        raise NotImplementedError("model 'resnet18' is not implemented yet (tasks/resnet.py)")
+        from .resnet import build_resnet18
+
+        return build_resnet18(dataset, seed)
     if name != "cnn":
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
     with torch.random.fork_rng(devices=[]):
