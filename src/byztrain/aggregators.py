@@ -56,7 +56,9 @@ KRUM_NEIGHBOURS = ("blanchard", "byzfl")
 # ---- precondition helpers ------------------------------------------------------------------------
 
 
-def _check_x(x: Any, rule: str, name: str = "x", ndim: int = 2) -> None:
+def _check_x(x: Any, rule: str, name: str = "x", ndim: int = 2, *, scan: bool = True) -> None:
+    """Type, shape and dtype preconditions, then (``scan=True``) the NaN check. Callers passing
+    ``scan=False`` must call :func:`_reject_nan` themselves when their own pass finds a non-finite value."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{rule}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != ndim:
@@ -66,6 +68,13 @@ def _check_x(x: Any, rule: str, name: str = "x", ndim: int = 2) -> None:
         raise ValueError(f"{rule}: {name} must have a floating-point dtype, got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{rule}: {name} must be non-empty, got shape {tuple(x.shape)}")
+    # A finite total proves there is no NaN (and no inf) in one read of x; `isnan` writes a mask and
+    # costs several times more. A non-finite total (NaN, inf, or a finite overflow) gets the exact scan.
+    if scan and not bool(torch.isfinite(x.sum())):
+        _reject_nan(x, rule, name, ndim)
+
+
+def _reject_nan(x: torch.Tensor, rule: str, name: str = "x", ndim: int = 2) -> None:
     nan = torch.isnan(x)
     if nan.any():
         # Name the offending rows: a row is a worker, which is what the user needs to find.
@@ -313,55 +322,102 @@ def _check_start(start: Any, shape: tuple[int, ...], ref: torch.Tensor, rule: st
         raise ValueError(f"{rule}: start must be a torch.Tensor or None, got {type(start).__name__}")
     if tuple(start.shape) != shape:
         raise ValueError(f"{rule}: start must have shape {shape}, got {tuple(start.shape)}")
-    if not torch.isfinite(start).all():
+    # a finite sum proves every entry finite; otherwise (inf, NaN or a finite overflow) test exactly
+    if not bool(torch.isfinite(start.sum())) and not bool(torch.isfinite(start).all()):
         raise ValueError(f"{rule}: start must be finite")
     return start.to(dtype=ref.dtype, device=ref.device)
 
 
-def _cclip_core(parts: torch.Tensor, tau: float, v: torch.Tensor, tol: float, max_iters: int):
+def _value_range(x: torch.Tensor, rule: str, name: str, ndim: int) -> tuple[float, float]:
+    """(min, max) of x in one pass, rejecting NaN (``aminmax`` propagates it): the NaN precondition and
+    CenteredClip's finiteness and overflow tests from a single read."""
+    lo, hi = (float(t) for t in torch.aminmax(x))
+    if math.isnan(lo) or math.isnan(hi):
+        _reject_nan(x, rule, name, ndim)
+    return lo, hi
+
+
+def _cclip_core(
+    parts: torch.Tensor, tau: float, v: torch.Tensor, tol: float, max_iters: int, value_range: tuple[float, float]
+):
     """Run P CenteredClips on ``parts`` (P, n, k) from ``v`` (P, k, owned by us: updated in place).
 
-    Each iteration only touches the partitions still active, so a converged partition keeps its value.
+    The partitions are solved one after another, each until its own stopping test: a partition's n x k
+    block (a few hundred KB in BTARD) stays in cache across its iterations, where a step over all P
+    partitions at once streams the whole (P, n, k) stack from memory every iteration. A partition's
+    iterates do not depend on the others, so the result is what P separate calls would give, bit for bit.
+
+    One iteration is ``diff = x - v`` (into a reused buffer), the float32 row norms, the weights
+    ``min(1, tau / dist)``, one matrix-vector product, ``v += step`` and one host sync for the stopping test.
+    The norms are float32: a single pass over ``x`` bounds every ``|x_ij - v_j|`` (the iterates stay in the
+    coordinate-wise box spanned by the rows and the start: each step is a convex combination), and when
+    ``k * (2 * bound)^2`` could overflow float32 the iteration takes the float64 norms of :func:`_row_norms`.
     """
-    P, n, _ = parts.shape
-    dev = parts.device
-    finite = torch.isfinite(parts).all(dim=2)  # (P, n)
-    all_finite = bool(finite.all())
+    P, n, k = parts.shape
+    dev, dtype = parts.device, parts.dtype
+    lo, hi = value_range  # from _value_range: NaN already rejected
+    all_finite = math.isfinite(lo) and math.isfinite(hi)
+    finite = None
     if not all_finite:
         # A row with +-inf has no defined clipped direction: it contributes nothing (weight 0) but still
         # counts in the 1/n. Zeroing it avoids 0 * inf = NaN in the weighted sum.
-        parts = torch.where(finite[..., None], parts, torch.zeros((), dtype=parts.dtype, device=dev))
-    iterations = torch.zeros(P, dtype=torch.int64, device=dev)
-    step_norm = torch.full((P,), math.inf, dtype=torch.float64, device=dev)
-    converged = torch.zeros(P, dtype=torch.bool, device=dev)
-    active = torch.ones(P, dtype=torch.bool, device=dev)
-    idx = torch.arange(P, device=dev)
-    for _ in range(max_iters):
-        if idx.numel() == P:
-            sub, vs, ok = parts, v, finite
-        else:
-            sub, vs, ok = parts[idx], v[idx], finite[idx]
-        diff = sub - vs[:, None, :]
-        dist = _row_norms(diff)  # (p, n) float64
-        # min(1, tau / dist) without dividing by zero: rows within the radius get exactly 1.
-        scale = torch.where(dist > tau, tau / dist, torch.ones((), dtype=dist.dtype, device=dev))
-        if not all_finite:
-            scale = torch.where(ok, scale, torch.zeros((), dtype=dist.dtype, device=dev))
-        step = (scale.to(sub.dtype)[:, None, :] @ diff).squeeze(1) / n
-        v_new = vs + step
-        s_norm = _row_norms(step)
-        done = s_norm <= tol * (_row_norms(v_new) + tau)
-        v[idx] = v_new
-        iterations[idx] += 1
-        step_norm[idx] = s_norm
-        converged[idx] = done
-        active[idx] = ~done
-        idx = torch.nonzero(active).flatten()
-        if idx.numel() == 0:
-            break
-    clipped_dist = _row_norms(parts - v[:, None, :])
-    clipped = ((clipped_dist > tau) | ~finite).sum(dim=1)
-    return v, {"iterations": iterations, "step_norm": step_norm, "clipped": clipped, "converged": converged}
+        finite = torch.isfinite(parts).all(dim=2)  # (P, n)
+        parts = torch.where(finite[..., None], parts, torch.zeros((), dtype=dtype, device=dev))
+        lo, hi = (float(t) for t in torch.aminmax(parts))
+    vlo, vhi = (float(t) for t in torch.aminmax(v))
+    bound = max(abs(lo), abs(hi), abs(vlo), abs(vhi))
+    # float32 squares overflow above ~3.4e38; keep a wide margin for rounding in the sums. Other dtypes
+    # (float16, bfloat16) always take the float64 norms.
+    safe = dtype == torch.float64 or (dtype == torch.float32 and k * (2.0 * bound) ** 2 < 1e37)
+    norm_dtype = dtype if safe else torch.float64
+    tau_t = torch.tensor(tau, dtype=dtype, device=dev)
+    one = torch.ones((), dtype=torch.float64, device=dev)
+    diff = torch.empty(n, k, dtype=dtype, device=dev)
+    sv = torch.empty(2, k, dtype=dtype, device=dev)  # row 0: the step, row 1: the iterate
+    step, vp = sv[0], sv[1]
+    iterations, step_norms, converged, clipped = [], [], [], []
+    for p in range(P):
+        x = parts[p]
+        ok = None
+        if finite is not None and not bool(finite[p].all()):
+            ok = finite[p].to(dtype)
+        vp.copy_(v[p])
+        it, s_norm, done = 0, math.inf, False
+        while it < max_iters:
+            it += 1
+            torch.sub(x, vp, out=diff)
+            if safe:
+                # min(1, tau / dist): finite dist here, so rows within the radius (dist = 0 included:
+                # tau / 0 = inf) get exactly 1.
+                scale = torch.div(tau_t, torch.linalg.vector_norm(diff, dim=1)).clamp_(max=1.0)
+            else:
+                dist = _row_norms(diff)  # float64, overflow-safe; inf only for rows holding +-inf
+                scale = torch.where(dist > tau, tau / dist, one).to(dtype)
+            if ok is not None:
+                scale.mul_(ok)
+            torch.mv(diff.T, scale, out=step)
+            step.div_(n)
+            vp.add_(step)
+            # both norms in one call and one host sync (float32 when safe, as the row norms)
+            s_norm, v_norm = torch.linalg.vector_norm(sv, dim=1, dtype=norm_dtype).tolist()
+            if s_norm <= tol * (v_norm + tau):
+                done = True
+                break
+        v[p].copy_(vp)
+        torch.sub(x, vp, out=diff)
+        far = (torch.linalg.vector_norm(diff, dim=1) if safe else _row_norms(diff)) > tau
+        if ok is not None:
+            far |= ~finite[p]
+        iterations.append(it)
+        step_norms.append(s_norm)
+        converged.append(done)
+        clipped.append(int(far.sum()))
+    return v, {
+        "iterations": torch.tensor(iterations, dtype=torch.int64, device=dev),
+        "step_norm": torch.tensor(step_norms, dtype=torch.float64, device=dev),
+        "clipped": torch.tensor(clipped, dtype=torch.int64, device=dev),
+        "converged": torch.tensor(converged, dtype=torch.bool, device=dev),
+    }
 
 
 def _cclip_args(tau, tol, max_iters, median, rule):
@@ -400,13 +456,14 @@ def centered_clip(
     ``(vector, dict(iterations, step_norm, clipped, converged))``; ``clipped`` counts rows with
     ``||x_i - v|| > tau`` at the output.
     """
-    _check_x(x, "centered_clip")
+    _check_x(x, "centered_clip", scan=False)
     tau, tol, max_iters = _cclip_args(tau, tol, max_iters, median, "centered_clip")
+    value_range = _value_range(x, "centered_clip", "x", 2)
     if start is None:
         v = _median(x, 0, median)
     else:
         v = _check_start(start, (x.shape[1],), x, "centered_clip").clone()
-    out, stats = _cclip_core(x[None], tau, v[None], tol, max_iters)
+    out, stats = _cclip_core(x[None], tau, v[None], tol, max_iters, value_range)
     out = out[0]
     if return_stats:
         return out, {
@@ -437,14 +494,15 @@ def centered_clip_batched(
     Returns ``(result (P, k), stats)`` with per-partition tensors ``iterations`` (P,) int64,
     ``step_norm`` (P,) float64, ``clipped`` (P,) int64, ``converged`` (P,) bool.
     """
-    _check_x(parts, "centered_clip_batched", name="parts", ndim=3)
+    _check_x(parts, "centered_clip_batched", name="parts", ndim=3, scan=False)
     tau, tol, max_iters = _cclip_args(tau, tol, max_iters, median, "centered_clip_batched")
+    value_range = _value_range(parts, "centered_clip_batched", "parts", 3)
     P, _, k = parts.shape
     if start is None:
         v = _median(parts, 1, median)
     else:
         v = _check_start(start, (P, k), parts, "centered_clip_batched").clone()
-    return _cclip_core(parts, tau, v, tol, max_iters)
+    return _cclip_core(parts, tau, v, tol, max_iters, value_range)
 
 
 def fixed_point_residual(x: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:

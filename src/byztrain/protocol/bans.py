@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from byztrain.protocol.commitments import DigestCache, digest
+from byztrain.protocol.commitments import DigestCache, digest_many
 from byztrain.protocol.partition import Layout
 from byztrain.protocol.verification import peer_scalars, scalars_agree
 
@@ -47,11 +47,13 @@ class StepRecord:
     scalar_rtol: float = 1e-8
     _z_norms: torch.Tensor | None = field(default=None, repr=False)
 
-    def z_norms(self) -> torch.Tensor:
-        """(P, q) float64 norms of the directions per partition (computed once)."""
+    def z_norms(self, z64: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, q) float64 norms of the directions per partition (computed once; `z64`: `z` already converted
+        to float64 by the caller, saves converting it again)."""
         assert self.z is not None
         if self._z_norms is None:
-            self._z_norms = torch.linalg.vector_norm(self.z.to(torch.float64), dim=2).T
+            z64 = self.z.to(torch.float64) if z64 is None else z64
+            self._z_norms = torch.linalg.vector_norm(z64, dim=2).T
         return self._z_norms
 
 
@@ -78,9 +80,9 @@ def audit(
     if commits is None:
         return None, []
     parts = record.layout.split(gradient)
-    h = cache.digest if cache is not None else digest
-    for j, part in enumerate(parts):
-        if h(part) != commits[j]:
+    hashes = cache.digest_many(parts) if cache is not None else digest_many(parts)
+    for j, h in enumerate(hashes):
+        if h != commits[j]:
             return f"part {j} of its step-{record.step} gradient differs from the recomputation", []
     if record.ghat is not None and record.z is not None and peer in record.scalars:
         s_rep, d_rep = record.scalars[peer]

@@ -43,7 +43,7 @@ from byztrain.protocol.bans import (
     resolve,
     rows_finite,
 )
-from byztrain.protocol.commitments import DigestCache, commit_parts, is_commitment_list
+from byztrain.protocol.commitments import DigestCache, is_commitment_list
 from byztrain.protocol.median import lower_median
 from byztrain.protocol.mprng import run_mprng, simulated_secret
 from byztrain.protocol.partition import Layout, layout_for
@@ -220,7 +220,9 @@ class BtardDefense(Defense):
         # -- 2. split and commit; barrier --------------------------------------------------------
         t0 = time.perf_counter()
         my_parts = {p: layout.split(rows[p]) for p in workers if p in local}
-        commits = {p: commit_parts(parts, self.cache) for p, parts in my_parts.items()}
+        # every local sender's parts hashed in one batch (threads share the sha256 work)
+        flat = self.cache.digest_many([part for parts in my_parts.values() for part in parts])
+        commits = {p: flat[i * P : (i + 1) * P] for i, p in enumerate(my_parts)}
         got = comm.all_gather(commits, self._participants(rnd))
         for p in workers:
             c = got.get(p)
@@ -419,7 +421,7 @@ class BtardDefense(Defense):
             return None
         S = torch.stack([record.scalars[i][0] for i in workers])  # (n, P, q)
         D = torch.stack([record.scalars[i][1] for i in workers])  # (n, P)
-        z_norms = record.z_norms()  # (P, q)
+        z_norms = record.z_norms(z64)  # (P, q)
 
         # aggregators re-derive the scalars of their partition and accuse liars
         accuse = {}

@@ -34,22 +34,53 @@ def _batcher_pairs(size: int) -> tuple[tuple[int, int], ...]:
 
 
 @cache
-def _median_network(n: int) -> tuple[tuple[int, int], ...]:
-    """Comparators that matter for the element of rank (n - 1) // 2 among n inputs (padded with +inf)."""
+def _median_network(n: int) -> tuple[tuple[int, int, bool, bool], ...]:
+    """Comparators that matter for the element of rank (n - 1) // 2 among n inputs (padded with +inf), as
+    (a, b, keep_min, keep_max): an output that no later comparator reads is not computed."""
     size = 1
     while size < n:
         size *= 2
     needed = {(n - 1) // 2}
     kept = []
     for a, b in reversed(_batcher_pairs(size)):
-        if a in needed or b in needed:
-            kept.append((a, b))
+        lo, hi = a in needed, b in needed
+        if lo or hi:
+            kept.append((a, b, lo, hi))
             needed |= {a, b}
     return tuple(reversed(kept))
 
 
+#: bytes of one input slice per chunk: the network's ~n live slices then stay in a core's L2 cache
+CHUNK_BYTES = 1 << 17
+
+
 def lower_median(x: torch.Tensor, dim: int) -> torch.Tensor:
     """The lower median of `x` along `dim` (same values as `torch.median(x, dim).values`).
+
+    Large inputs are cut along another dimension into chunks whose working set fits in cache (the network
+    reads every slice many times); each chunk's result is exact, so the chunking changes no value.
+    """
+    dim = dim % x.ndim
+    n = x.shape[dim]
+    cd = 1 if dim == 0 else 0  # the dimension to chunk along
+    if x.ndim < 2 or n == 0:
+        return _lower_median(x, dim)
+    per_index = x.numel() // max(1, n * x.shape[cd]) * x.element_size()
+    step = max(1, CHUNK_BYTES // max(1, per_index))
+    if step >= x.shape[cd]:
+        return _lower_median(x, dim)
+    shape = list(x.shape)
+    del shape[dim]
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    ocd = cd if cd < dim else cd - 1
+    for start in range(0, x.shape[cd], step):
+        length = min(step, x.shape[cd] - start)
+        out.narrow(ocd, start, length).copy_(_lower_median(x.narrow(cd, start, length), dim))
+    return out
+
+
+def _lower_median(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The network on the whole of `x`.
 
     Intermediate slices are recycled through a small buffer pool (outputs written with `out=`), so the
     network allocates about as many slices as it has inputs instead of two per comparator.
@@ -62,23 +93,43 @@ def lower_median(x: torch.Tensor, dim: int) -> torch.Tensor:
     vals += [None] * (size - n)  # None stands for +inf padding
     owned = [False] * size  # whether vals[i] is our buffer (may be overwritten) or a view of x
     pool: list[torch.Tensor] = []
-    for a, b in _median_network(n):
+
+    def buffer(*reuse: int) -> torch.Tensor | None:
+        """An output buffer: an owned input slice (element-wise ops may write in place), else the pool."""
+        for i in reuse:
+            if owned[i]:
+                owned[i] = False
+                return vals[i]
+        return pool.pop() if pool else None
+
+    for a, b, keep_lo, keep_hi in _median_network(n):
         lo, hi = vals[a], vals[b]
-        if hi is None:
+        if hi is None:  # min(lo, +inf) = lo, max = +inf
             continue
         if lo is None:
             vals[a], vals[b] = hi, None
             owned[a], owned[b] = owned[b], False
             continue
-        new_lo = torch.minimum(lo, hi, out=pool.pop()) if pool else torch.minimum(lo, hi)
-        if owned[b]:
-            new_hi = torch.maximum(lo, hi, out=hi)  # element-wise: safe in place
-        else:
-            new_hi = torch.maximum(lo, hi, out=pool.pop()) if pool else torch.maximum(lo, hi)
-        if owned[a]:
-            pool.append(lo)
-        vals[a], vals[b] = new_lo, new_hi
-        owned[a] = owned[b] = True
+        if keep_lo and keep_hi:
+            buf = pool.pop() if pool else None
+            new_lo = torch.minimum(lo, hi) if buf is None else torch.minimum(lo, hi, out=buf)
+            buf = buffer(b)
+            new_hi = torch.maximum(lo, hi) if buf is None else torch.maximum(lo, hi, out=buf)
+            if owned[a]:
+                pool.append(lo)
+            vals[a], vals[b] = new_lo, new_hi
+            owned[a] = owned[b] = True
+            continue
+        # one output is never read again: compute only the other one
+        keep, drop, op = (a, b, torch.minimum) if keep_lo else (b, a, torch.maximum)
+        buf = buffer(keep, drop)
+        new = op(lo, hi) if buf is None else op(lo, hi, out=buf)
+        if owned[keep]:
+            pool.append(vals[keep])
+        if owned[drop]:
+            pool.append(vals[drop])
+        vals[keep], vals[drop] = new, None
+        owned[keep], owned[drop] = True, False
     m = (n - 1) // 2
     out = vals[m]
     assert out is not None
