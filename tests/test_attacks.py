@@ -485,16 +485,17 @@ def test_runs_end_to_end_with_mean(tmp_path, tiny_data, clean_norms, name, param
 def test_protocol_attack_gets_its_attackers_banned_under_btard(tmp_path, tiny_data, name):
     cfg = Config.from_dict({
         "name": name,
-        "peers": 5,
+        "peers": 6,  # btard needs byzantine < (peers - validators) / 2
         "byzantine": 2,
         "task": {"data_dir": str(tiny_data)},
         "attack": {"name": name, "start": 2},
         "defense": {"name": "btard"},
-        "train": {"steps": 3, "eval_every": 3, "batch_size": 8},
+        "train": {"steps": 4, "eval_every": 4, "batch_size": 8},
         "runtime": {"threads": 1},
         "log": {"out": str(tmp_path), "every": 1, "tensorboard": False},
     })
     summary = byztrain.run(cfg, quiet=True)
     assert sorted(int(p) for p in summary["banned"]) == summary["byzantine_peers"]
-    assert all(step == 2 for step in summary["banned"].values())  # at the first attack step
+    # Banned once they act (from step 2); an attacker drawn as validator at step 2 acts at step 3.
+    assert all(2 <= step <= 3 for step in summary["banned"].values())
     assert summary["honest_banned"] == 0

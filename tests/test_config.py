@@ -41,6 +41,7 @@ def test_config_file_plus_overrides(tmp_path):
         ({"peers": 2.5}, "peers", "must be an integer"),
         ({"peers": 4, "byzantine": 4}, "byzantine", "must be < peers"),
         ({"peers": 16, "byzantine": 8, "defense": {"name": "btard"}}, "byzantine", "fewer than half"),
+        ({"peers": 5, "byzantine": 2, "defense": {"name": "btard"}}, "byzantine", "(peers - defense.validators)/2"),
         ({"task": {"dataset": "fashion_mnist"}}, "task.dataset", "did you mean 'fashion-mnist'"),
         ({"task": {"split": "noniid"}}, "task.split", "accepted: iid, dirichlet"),
         ({"defense": {"name": "krumm"}}, "defense.name", "did you mean 'krum'"),

@@ -114,6 +114,17 @@ def validate_defense(config: Config) -> None:
                 f"btard tolerates fewer than half Byzantine peers: need byzantine < peers/2 "
                 f"({config.peers}/2), got {config.byzantine}",
             )
+        workers = config.peers - config.defense.validators
+        if 2 * config.byzantine >= workers:
+            # Validators sit out the aggregation, so in the worst case every Byzantine peer aggregates
+            # among `peers - validators` workers. At half or more, CenteredClip has no honest majority
+            # and stops converging, and the fixed-point check then convicts honest aggregators.
+            raise ConfigError(
+                "byzantine",
+                f"btard needs byzantine < (peers - defense.validators)/2 = ({config.peers} - "
+                f"{config.defense.validators})/2, got {config.byzantine}: lower byzantine or validators, "
+                f"or add peers",
+            )
         if config.defense.validators >= config.peers - 1:
             raise ConfigError(
                 "defense.validators",
