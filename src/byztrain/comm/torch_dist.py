@@ -9,9 +9,10 @@ here is an `isend`/`irecv` pair on the default gloo group, and a sender that is 
 absent entry in the returned dict, which the protocol treats as silence (BTARD bans the peer).
 
 Timeouts without gloo timeouts: gloo's `Work.wait(timeout)` would close the rank's connections when it
-fires, and gloo's p2p works support neither `is_completed()` polling nor futures. The process group is
-therefore created with a practically infinite timeout and each pending operation is waited on by a small
-daemon thread per (peer, direction); the calling thread waits on those with its own deadline
+fires, and gloo's p2p works support neither `is_completed()` polling nor futures. Each pending operation is
+therefore waited on, with an explicit practically infinite timeout (NO_TIMEOUT: it overrides the process
+group's, which only bounds connecting at start-up), by a small daemon thread per (peer, direction); the
+calling thread waits on those with its own deadline
 (`runtime.timeout_s` for every round of a collective). A peer that misses the deadline is declared dead:
 its pending operations are abandoned (kept referenced so their buffers stay valid) and it is never waited
 on again. Behaviour by fault:
@@ -60,7 +61,7 @@ import torch.distributed as dist
 
 from byztrain.comm.base import Collective, PeerExcluded
 
-#: The process-group timeout: effectively none (see the module docstring); collectives use their own.
+#: What the waiter threads pass to gloo's wait(): effectively none (see the module docstring).
 NO_TIMEOUT = timedelta(days=365)
 
 _DTYPES = {
@@ -224,7 +225,7 @@ class _Waiter(threading.Thread):
             if slot is None:
                 return
             try:
-                slot.work.wait()
+                slot.work.wait(NO_TIMEOUT)
             except BaseException as exc:  # noqa: BLE001 - reported to the waiting thread
                 slot.error = exc
             slot.work = None
@@ -446,6 +447,31 @@ class TorchCollective(Collective):
                 return False
         self._pending_sends = []
         return True
+
+    def close(self) -> None:
+        """End of this process's part in the run (after `flush`): make gloo give up on the operations that
+        will never complete (receives abandoned on a dead or hung peer, sends it never took), so that no
+        thread is left blocked inside gloo when the interpreter exits -- that aborts the process
+        ("terminate called without an active exception", SIGABRT), which torchrun reports as a failure.
+        A gloo wait that times out closes every connection of this process; that is what ends the stuck
+        waits, and it is harmless now that this process has nothing more to send or receive."""
+        stuck = [s for s in [*self._abandoned, *self._pending_sends] if not s.event.is_set()]
+        for slot in stuck:
+            work = slot.work
+            if work is None or slot.event.is_set():
+                continue
+            try:
+                work.wait(timedelta(milliseconds=1))
+            except Exception:  # noqa: BLE001 - the timeout (or an already broken pair) is the point
+                pass
+        for slot in stuck:
+            slot.event.wait(5.0)
+        for table in (self._recv_waiters, self._send_waiters):
+            for w in table.values():
+                w.q.put(None)
+            for w in table.values():
+                w.join(1.0)
+            table.clear()
 
     def take_log(self) -> list[dict]:
         out, self.log = self.log, []

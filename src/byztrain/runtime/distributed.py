@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from byztrain.comm import PeerExcluded
-from byztrain.comm.torch_dist import NO_TIMEOUT, TorchCollective
+from byztrain.comm.torch_dist import TorchCollective
 from byztrain.config import Config, ConfigError
 from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime.outputs import RunWriter
@@ -47,6 +47,7 @@ from byztrain.runtime.trainer import Trainer
 WRITER = 0
 EXIT_STOPPED = 75  # the run stopped cleanly (writer lost / no quorum); resume from the checkpoint
 #: test / chaos hook: "RANK@STEP[,RANK@STEP...]" -> that rank SIGKILLs itself right after finishing STEP
+#: (in a run that started fresh, not in a resumed one, so a restarted group does not kill itself again)
 FAULT_ENV = "BYZTRAIN_FAULT_KILL"
 #: debugging: print every event of every rank to stderr as it happens (diverging views show at once)
 DEBUG_ENV = "BYZTRAIN_DEBUG_EVENTS"
@@ -202,14 +203,32 @@ def _start_state(comm: TorchCollective, config: Config, resume: bool):
     return msg, info
 
 
+def _connect_timeout(config: Config) -> timedelta:
+    """Start-up (importing torch and loading data in every process, then the rendezvous) can take minutes
+    on a loaded machine: at least 5 minutes, or runtime.timeout_s if longer."""
+    return timedelta(seconds=max(config.runtime.timeout_s, 300))
+
+
 def _rank_main(config: Config, rank: int, world: int, store, progress: bool, resume: bool) -> tuple[int, dict | None]:
     """Run one rank to the end. Returns (exit code, summary or None)."""
     if config.runtime.device.startswith("cuda") and torch.cuda.is_available() and ":" not in config.runtime.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    if store is not None:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=NO_TIMEOUT)
-    else:
-        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=NO_TIMEOUT)
+    # The process-group timeout bounds start-up (the rendezvous, connecting the mesh) only: the Collective
+    # waits with its own deadline (runtime.timeout_s) and passes gloo an explicit NO_TIMEOUT.
+    connect = _connect_timeout(config)
+    if store is None:  # torchrun / env://
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
+        base = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=rank == 0 and not agent,
+            timeout=connect,
+        )
+        # A restarted group (torchrun --max-restarts) may find the first attempt's keys (the peers' old
+        # addresses) in the same store: one key space per attempt.
+        store = dist.PrefixStore(f"byztrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=connect)
     comm = TorchCollective(rank, world, timeout_s=config.runtime.timeout_s, device=config.runtime.device)
     msg, info = _start_state(comm, config, resume)
     if msg["kind"] == "abort":
@@ -229,7 +248,7 @@ def _rank_main(config: Config, rank: int, world: int, store, progress: bool, res
         comm.take_byte_counts()
         if rank not in trainer.active:
             return 0, None  # banned before the checkpoint: nothing to do
-        kill_at = _fault_step(rank)
+        kill_at = _fault_step(rank) if msg["kind"] == "fresh" else None  # not again in a resumed run
 
         def on_step(step: int) -> None:
             if step == kill_at:
@@ -257,6 +276,7 @@ def _rank_main(config: Config, rank: int, world: int, store, progress: bool, res
     finally:
         if writer is not None:
             writer.close()
+        comm.close()  # no thread left blocked in gloo: a normal interpreter exit (torchrun) stays clean
 
 
 def _spawned(config: Config, rank: int, world: int, port: int, progress: bool, resume: bool) -> None:
@@ -264,13 +284,13 @@ def _spawned(config: Config, rank: int, world: int, port: int, progress: bool, r
     torch.set_num_threads(config.runtime.threads or 1)
     code = 1
     try:
-        store = dist.TCPStore(
-            "127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=max(config.runtime.timeout_s, 300))
-        )
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=_connect_timeout(config))
         code, _ = _rank_main(config, rank, world, store, progress, resume)
     except ConfigError as exc:
         print(f"byztrain rank {rank}: {exc}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent reports it
+        code = 130
     except BaseException:  # noqa: BLE001 - report, then exit without running atexit handlers
         import traceback
 
@@ -324,7 +344,7 @@ def _run_local(config: Config, progress: bool, resume: bool) -> dict:
         world,
         is_master=True,
         wait_for_workers=False,
-        timeout=timedelta(seconds=max(config.runtime.timeout_s, 300)),
+        timeout=_connect_timeout(config),
     )
     ctx = mp.get_context("spawn")
     procs = [
