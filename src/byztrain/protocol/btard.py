@@ -169,7 +169,7 @@ class BtardDefense(Defense):
         sitting_out = {v for v, _ in pairs}
         workers0 = [p for p in rnd.active if p not in sitting_out]
         mine = [p for p in workers0 if p in local]
-        grads = rnd.sent_gradients(mine) if mine else None
+        grads = rnd.sent_gradients(mine, senders=workers0) if mine else None
         rows = {p: grads[i] for i, p in enumerate(mine)}
         t0 = self._tick("gradients", t0)
 
