@@ -138,9 +138,9 @@ def test_validators_sit_out_and_check_the_previous_step(synthetic, monkeypatch):
     asked = []
     original = Round.sent_gradients
 
-    def spy(self, peers):
+    def spy(self, peers, senders=None):
         asked.append(list(peers))
-        return original(self, peers)
+        return original(self, peers, senders)
 
     monkeypatch.setattr(Round, "sent_gradients", spy)
     tr = make_trainer(peers=6, validators=1)
