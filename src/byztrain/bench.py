@@ -114,7 +114,7 @@ def measure(*, rounds: int = 5, per_round: int = 5, peers_list=(8, 16, 32, 64), 
 
     log("P4: seconds per sample vs peers (mean aggregation, batch 32 per peer)")
     trainers = {n: _trainer(_config(n, "mean")) for n in peers_list}
-    t4 = interleaved({str(n): trainers[n].train_step for n in peers_list}, rounds=max(2, rounds // 2),
+    t4 = interleaved({str(n): trainers[n].train_step for n in peers_list}, rounds=rounds,
                      per_round=max(2, per_round // 2), clock=tick)
     per_sample = {str(n): t4[str(n)] / (n * 32) for n in peers_list}
     result["p4_per_sample"] = per_sample
