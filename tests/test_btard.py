@@ -76,22 +76,9 @@ def bans(tr):
 
 def current_round(tr) -> Round:
     """The Round the trainer's next step will see (for computing expected values)."""
-    from byztrain.attacks import attack_active
-
-    step = tr.step + 1
-    return Round(
-        step=step,
-        config=tr.config,
-        workload=tr.workload,
-        comm=tr.comm,
-        active=list(tr.active),
-        byzantine=frozenset(tr.byzantine),
-        attacks=tr.attacks,
-        attack_on=attack_active(tr.config, step),
-        shared_random=tr.shared_random,
-        previous=tr.previous,
-        emit=lambda *a, **k: None,
-    )
+    rnd = tr.make_round(tr.step + 1)
+    rnd.emit = lambda *a, **k: None
+    return rnd
 
 
 def expected_update(tr, exclude=()):

@@ -97,10 +97,9 @@ class Trainer:
             self.writer.event({"step": self.step, "type": type, "peer": peer, "by": by, "reason": reason, **extra})
 
     # ---- one step ------------------------------------------------------------------------------
-    def train_step(self) -> dict:
-        self.step += 1
-        step = self.step
-        rnd = Round(
+    def make_round(self, step: int) -> Round:
+        """The Round of `step` as every peer sees it from the current state (no side effects)."""
+        return Round(
             step=step,
             config=self.config,
             workload=self.workload,
@@ -113,6 +112,11 @@ class Trainer:
             previous=self.previous,
             emit=self._emit,
         )
+
+    def train_step(self) -> dict:
+        self.step += 1
+        step = self.step
+        rnd = self.make_round(step)
         params_before = self.workload.flat_params.clone() if self.keep_history else None
         result = self.defense.step(rnd)
         update = result.update

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import ENV_VAR, Dataset, DatasetNotFoundError, cache_dir
+from .datasets import ENV_VAR, Dataset, DatasetNotFoundError, cache_dir, candidate_dirs
 
 __all__ = [
     "ARCHIVE",
@@ -162,16 +162,7 @@ class CifarDataset(Dataset):
 
 
 def _candidates(data_dir: str | os.PathLike | None) -> list[tuple[Path, str]]:
-    out: list[tuple[Path, str]] = []
-    if data_dir is not None and str(data_dir) != "":
-        root = Path(data_dir).expanduser()
-        out += [(root, "task.data_dir"), (root / NAME, "task.data_dir")]
-    env = os.environ.get(ENV_VAR)
-    if env:
-        root = Path(env).expanduser()
-        out += [(root, f"${ENV_VAR}"), (root / NAME, f"${ENV_VAR}")]
-    out.append((cache_dir(NAME), "user cache"))
-    return out
+    return candidate_dirs(NAME, data_dir)  # no Debian package for CIFAR-10
 
 
 def _complete(directory: Path) -> bool:

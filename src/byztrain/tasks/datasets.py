@@ -134,7 +134,13 @@ def cache_dir(name: str) -> Path:
 
 
 def _candidates(name: str, data_dir: str | os.PathLike | None, spec: _IdxSpec) -> list[tuple[Path, str]]:
-    """Every directory to look in, in order, with where it came from."""
+    return candidate_dirs(name, data_dir, spec.apt_package)
+
+
+def candidate_dirs(
+    name: str, data_dir: str | os.PathLike | None, apt_package: str | None = None
+) -> list[tuple[Path, str]]:
+    """Every directory to look in for dataset `name`, in order, with where it came from (DESIGN.md 4)."""
     out: list[tuple[Path, str]] = []
     if data_dir is not None and str(data_dir) != "":
         root = Path(data_dir).expanduser()
@@ -144,8 +150,8 @@ def _candidates(name: str, data_dir: str | os.PathLike | None, spec: _IdxSpec) -
         root = Path(env).expanduser()
         out += [(root, f"${ENV_VAR}"), (root / name, f"${ENV_VAR}")]
     out.append((cache_dir(name), "user cache"))
-    if spec.apt_package:
-        out.append((SYSTEM_DATASET_ROOT / name, f"system folder of the package {spec.apt_package}"))
+    if apt_package:
+        out.append((SYSTEM_DATASET_ROOT / name, f"system folder of the package {apt_package}"))
     return out
 
 
