@@ -41,7 +41,7 @@ class TaskConfig:
     model: str = "cnn"
     split: str = "iid"
     alpha: float = 0.5
-    # Train on a random subset of each shard / augment: kept explicit so runs stay comparable.
+    # Random crop + flip driven by the peer's public seed (CIFAR-10 only; docs/cifar.md).
     augment: bool = False
 
 
