@@ -1,6 +1,7 @@
 """Simulated runtime: the run-folder contract, determinism, and a real run that learns."""
 
 import json
+import math
 
 import pytest
 
@@ -74,6 +75,8 @@ def test_cosine_schedule_decays_to_near_zero():
     assert lr_at(cfg, 1) == pytest.approx(0.1)
     assert lr_at(cfg, 51) == pytest.approx(0.05)
     assert lr_at(cfg, 100) < 1e-3
+    longer = cfg.with_overrides(["train.schedule_steps=1000"])  # stopped early on a longer schedule
+    assert lr_at(longer, 100) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 99 / 1000)))
 
 
 def test_sign_flip_under_mean_diverges_but_run_completes(tmp_path):

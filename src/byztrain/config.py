@@ -76,6 +76,9 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     schedule: str = "constant"
+    # Cosine horizon in steps; null = train.steps. Longer than train.steps reproduces runs stopped early
+    # on a longer schedule (the BTARD paper: T_max 25,000, stopped at 5,100).
+    schedule_steps: int | None = None
     eval_every: int = 100
 
 
@@ -209,6 +212,11 @@ class Config:
             not t.nesterov or t.momentum > 0, "train.nesterov", "needs train.momentum > 0 (Nesterov momentum)"
         )
         _choice(t.schedule, SCHEDULES, "train.schedule")
+        _check(
+            t.schedule_steps is None or t.schedule_steps >= t.steps,
+            "train.schedule_steps",
+            f"must be null or >= train.steps ({t.steps}), got {t.schedule_steps}",
+        )
         _check(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
 
         r = self.runtime

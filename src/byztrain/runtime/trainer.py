@@ -34,7 +34,8 @@ def lr_at(config: Config, step: int) -> float:
     """Learning rate for step `step` (1-based)."""
     t = config.train
     if t.schedule == "cosine":
-        return t.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / t.steps))
+        horizon = t.schedule_steps or t.steps
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / horizon))
     return t.lr
 
 
