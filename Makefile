@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEMO_OUT ?= runs/demo
+DEMO_OUT ?= runs/quickstart
 
 .PHONY: demo demo-grid test data setup lint bench clean
 
