@@ -37,10 +37,8 @@ import http.client
 import io
 import os
 import pickle
-import shutil
 import struct
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -51,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import ENV_VAR, Dataset, DatasetNotFoundError, cache_dir, candidate_dirs
+from .datasets import ENV_VAR, Dataset, DatasetNotFoundError, cache_dir, candidate_dirs, fetch_file
 
 __all__ = [
     "ARCHIVE",
@@ -238,24 +236,17 @@ def _fetch(dest: Path, url: str, searched: tuple[str, ...], report: list[str]) -
     if target.is_file():
         return target
     created = not dest.exists()
-    tmp_name = None
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{ARCHIVE}.", delete=False) as tmp:
-                tmp_name = tmp.name
-                shutil.copyfileobj(response, tmp)
-        if MD5 is not None and (digest := _md5(Path(tmp_name))) != MD5:
+
+    def validate(path: Path) -> None:
+        if MD5 is not None and (digest := _md5(path)) != MD5:
             raise ValueError(f"MD5 {digest} differs from the published {MD5}")
-        _read_archive(Path(tmp_name))  # validate before it becomes visible
-        os.replace(tmp_name, target)
-        tmp_name = None
+        _read_archive(path)
+
+    try:
+        fetch_file(url, target, validate)
         return target
     except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError, tarfile.TarError,
             pickle.UnpicklingError, EOFError) as exc:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-            tmp_name = None
         if created and dest.is_dir() and not any(dest.iterdir()):
             dest.rmdir()  # leave no empty cache folder behind
         message = _not_found_message(report) if report else f"CIFAR-10 is not available in {dest}.\n{_how_to_get()}"
@@ -264,9 +255,6 @@ def _fetch(dest: Path, url: str, searched: tuple[str, ...], report: list[str]) -
             name=NAME,
             searched=tuple(dict.fromkeys(searched + (str(dest),))),
         ) from exc
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
 
 
 class _BatchUnpickler(pickle.Unpickler):

@@ -232,6 +232,25 @@ def download(name: str, dest: str | os.PathLike) -> Path:
     return _fetch(name, Path(dest).expanduser(), (), [])
 
 
+def fetch_file(url: str, target: Path, validate) -> None:
+    """Download `url` to `target` atomically: a temporary file in the same folder, `validate(path)` (raises
+    on a bad file), then a rename, so an interrupted or corrupt download never becomes visible. Errors
+    propagate; the temporary file is always removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_name = None
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
+                tmp_name = tmp.name
+                shutil.copyfileobj(response, tmp)
+        validate(Path(tmp_name))
+        os.replace(tmp_name, target)
+        tmp_name = None
+    finally:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+
+
 def _fetch(name: str, dest: Path, searched: tuple[str, ...], report: list[str]) -> Path:
     spec = _spec(name)
     created = not dest.exists()
@@ -239,20 +258,9 @@ def _fetch(name: str, dest: Path, searched: tuple[str, ...], report: list[str]) 
         if _file_in(dest, stem) is not None:
             continue
         url = f"{spec.base_url}{stem}.gz"
-        tmp_name = None
         try:
-            dest.mkdir(parents=True, exist_ok=True)
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{stem}.", delete=False) as tmp:
-                    tmp_name = tmp.name
-                    shutil.copyfileobj(response, tmp)
-            read_idx(tmp_name)  # validate before it becomes visible
-            os.replace(tmp_name, dest / f"{stem}.gz")
-            tmp_name = None
+            fetch_file(url, dest / f"{stem}.gz", read_idx)
         except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as exc:
-            if tmp_name is not None:
-                Path(tmp_name).unlink(missing_ok=True)
-                tmp_name = None
             if created and dest.is_dir() and not any(dest.iterdir()):
                 dest.rmdir()  # leave no empty cache folder behind
             if report:
@@ -264,9 +272,6 @@ def _fetch(name: str, dest: Path, searched: tuple[str, ...], report: list[str]) 
                 name=name,
                 searched=tuple(dict.fromkeys(searched + (str(dest),))),
             ) from exc
-        finally:
-            if tmp_name is not None:
-                Path(tmp_name).unlink(missing_ok=True)
     return dest
 
 
