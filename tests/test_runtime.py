@@ -95,3 +95,10 @@ def test_real_fashion_mnist_run_learns(tmp_path):
     })
     summary = byztrain.run(cfg, quiet=True)
     assert summary["final_test_accuracy"] > 0.70  # chance is 0.10
+
+
+def test_window_keeps_maxima_and_averages_the_rest():
+    from byztrain.runtime.trainer import _average
+
+    out = _average([{"train_loss": 1.0, "cclip_iters_max": 3}, {"train_loss": 3.0, "cclip_iters_max": 9}])
+    assert out == {"train_loss": 2.0, "cclip_iters_max": 9}

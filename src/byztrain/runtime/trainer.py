@@ -346,14 +346,15 @@ class Trainer:
 
 
 def _average(records: list[dict]) -> dict:
-    """Mean of each numeric field over the logging window (NaNs, e.g. no honest loss, are skipped)."""
+    """Each numeric field over the logging window: the max for `*_max` fields (a mean of maxima would hide
+    the worst step), the mean otherwise. NaNs (e.g. no honest loss) are skipped."""
     out: dict = {}
     keys = {k for r in records for k in r}
     for k in sorted(keys, key=lambda k: (k != "train_loss", k)):
         vals = [r[k] for r in records if k in r and isinstance(r[k], (int, float)) and not isinstance(r[k], bool)]
         finite = [v for v in vals if math.isfinite(v)]
         if finite:
-            out[k] = sum(finite) / len(finite)
+            out[k] = max(finite) if k.endswith("_max") else sum(finite) / len(finite)
         elif vals:
             out[k] = float("nan")
     return out
