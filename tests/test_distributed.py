@@ -208,12 +208,6 @@ def test_parity_simulated_vs_distributed(data_dir, tmp_path, defense, attack):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (issue 6, open): when two peers are SIGKILLed in the same step, a surviving honest peer "
-    "was once banned for 'malformed commitments' at that step and the run stopped for lack of quorum before "
-    "its first checkpoint; it passed on the other runs. Kept running so a fix shows up as XPASS.",
-)
 def test_fault_kill_honest_and_byzantine_then_writer_and_resume(data_dir, tmp_path, monkeypatch):
     """kill -9 of an honest and the Byzantine process mid-run: both are banned as silent and the run goes
     on. Then rank 0 (the writer) is killed after step 23: the run stops with DistributedRunError naming the

@@ -24,10 +24,12 @@ on again. Behaviour by fault:
   timeout (same semantics as the in-process Collective).
 
 Consistency of all-gathers: a peer killed in the middle of an all-gather may have reached some receivers
-and not others. After the data round every member therefore sends a bitmask of the senders it received
-from (one tiny message) and the result keeps only senders that every reporting member received: all
-surviving members return the same dict (barring a second crash inside that mask round). This agreement
-step trusts the transport code, which is the same honest code in every process: Byzantine behaviour is
+and not others. After the data round every member therefore runs AGREEMENT_ROUNDS rounds of tiny messages: it
+sends the bitmask of the senders it still keeps and intersects its set with every mask it receives (a
+missing mask is not intersected, never counted as a missing sender). All surviving members return the same
+dict as long as one of those rounds sees no crash, so 3 rounds tolerate any two peers dying during one
+all-gather (FloodSet-style consensus under crash faults; see `_agree`). With a single round, two peers
+killed together once left survivors with different views. This agreement step trusts the transport code, which is the same honest code in every process: Byzantine behaviour is
 modelled at the protocol level (attack hooks), not by forged masks or by sending different messages to
 different receivers (equivocation). BTARD assumes a broadcast channel; a deployment against a
 transport-level adversary needs a Byzantine reliable broadcast (echo + signatures) in place of this round.
@@ -60,6 +62,10 @@ import torch
 import torch.distributed as dist
 
 from byztrain.comm.base import Collective, PeerExcluded
+
+#: Mask rounds after each all-gather's data round. The survivors agree unless a crash hits every round, so
+#: f + 1 rounds tolerate any f peers dying during one all-gather (as FloodSet consensus): 3 rounds, any two.
+AGREEMENT_ROUNDS = 3
 
 #: What the waiter threads pass to gloo's wait(): effectively none (see the module docstring).
 NO_TIMEOUT = timedelta(days=365)
@@ -374,22 +380,35 @@ class TorchCollective(Collective):
                 ok, value = self._decode(q, body)
                 if ok:
                     received[q] = value
-        # agreement round: keep only senders every surviving member received (see the module docstring)
-        mask = torch.zeros(self.world_size, dtype=torch.uint8)
-        for q in received:
-            mask[q] = 1
-        others = self._alive(peers)
-        masks = self._exchange({q: mask for q in others}, others)
-        keep = set(received)
-        for q in others:
-            m = masks.get(q)
-            if m is None or m.numel() != self.world_size:
-                keep.discard(q)  # died (or sent nothing) in the mask round: count it as missing
-                if m is not None:
-                    self._declare_dead(q, "malformed agreement mask")
-                continue
-            keep &= {p for p in range(self.world_size) if m[p]}
+        keep = self._agree(set(received), peers)
         return {p: received[p] for p in peers if p in keep}
+
+    def _agree(self, keep: set[int], peers: list[int]) -> set[int]:
+        """The senders every surviving member received: AGREEMENT_ROUNDS rounds in which each member sends
+        its current set (a bitmask) and intersects it with every set it receives (see the module docstring).
+
+        A member that dies mid-round reaches some members and not others, so one round can leave survivors
+        with different sets (the cause of a double-kill failure: one survivor kept a peer that another
+        banned as silent, their layouts then differed and an honest peer's commitments looked malformed).
+        After any round in which nobody dies, every survivor holds the intersection of all survivors' sets,
+        and later rounds keep it (a set from a member that dies later equals that intersection too). A
+        missing set is therefore simply not intersected: dropping its sender's data would make survivors
+        that did receive the set disagree again. So the result agrees unless every round has a crash."""
+        for _ in range(AGREEMENT_ROUNDS):
+            mask = torch.zeros(self.world_size, dtype=torch.uint8)
+            for q in keep:
+                mask[q] = 1
+            others = self._alive(peers)
+            masks = self._exchange({q: mask for q in others}, others)
+            for q in others:
+                m = masks.get(q)
+                if m is None:
+                    continue  # died (or hung) in this round: see the docstring
+                if m.numel() != self.world_size:
+                    self._declare_dead(q, "malformed agreement mask")
+                    continue
+                keep &= {p for p in range(self.world_size) if m[p]}
+        return keep
 
     def all_to_all(self, outgoing: dict[int, dict[int, Any]], peers: list[int]) -> dict[int, dict[int, Any]]:
         me = self.rank
