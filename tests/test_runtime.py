@@ -102,3 +102,23 @@ def test_window_keeps_maxima_and_averages_the_rest():
 
     out = _average([{"train_loss": 1.0, "cclip_iters_max": 3}, {"train_loss": 3.0, "cclip_iters_max": 9}])
     assert out == {"train_loss": 2.0, "cclip_iters_max": 9}
+
+
+def test_clip_norm_bounds_every_step_and_is_validated(tmp_path):
+    from byztrain.config import ConfigError
+    from byztrain.runtime.trainer import Trainer
+
+    over = {"byzantine": 1, "attack": {"name": "sign_flip"}}
+    train = {"steps": 4, "eval_every": 4, "batch_size": 16, "lr": 0.1, "momentum": 0.0}
+    clipped = Trainer(_small(tmp_path, **over, train={**train, "clip_norm": 0.01}), progress=False)
+    free = Trainer(_small(tmp_path, **over, train=train), progress=False)
+    for tr in (clipped, free):
+        for _ in range(3):
+            before = tr.workload.flat_params.clone()
+            row = tr.train_step()
+            tr.step_moves = getattr(tr, "step_moves", []) + [float((tr.workload.flat_params - before).norm())]
+            assert row["update_norm"] > 0.01  # the aggregate itself (x -1000 from the attacker) is large
+    assert max(clipped.step_moves) <= 0.1 * 0.01 * (1 + 1e-5)  # lr x clip_norm with no momentum
+    assert min(free.step_moves) > 100 * max(clipped.step_moves)
+    with pytest.raises(ConfigError, match="train.clip_norm"):
+        Config.from_dict({"train": {"clip_norm": 0}})

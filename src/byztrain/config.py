@@ -75,6 +75,9 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    # Clip the aggregated update to this L2 norm before the optimizer (null: off), as max_grad_norm in
+    # the BTARD ALBERT setup: bounds what one step can do, whoever wrote the update.
+    clip_norm: float | None = None
     schedule: str = "constant"
     # Cosine horizon in steps; null = train.steps. Longer than train.steps reproduces runs stopped early
     # on a longer schedule (the BTARD paper: T_max 25,000, stopped at 5,100).
@@ -208,6 +211,9 @@ class Config:
         _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
         _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
         _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+        _check(
+            t.clip_norm is None or t.clip_norm > 0, "train.clip_norm", f"must be null or > 0, got {t.clip_norm}"
+        )
         _check(
             not t.nesterov or t.momentum > 0, "train.nesterov", "needs train.momentum > 0 (Nesterov momentum)"
         )

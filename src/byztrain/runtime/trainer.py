@@ -127,6 +127,11 @@ class Trainer:
             self._emit("update_skipped", reason="non-finite aggregate")
             update = torch.zeros_like(update)
         self.flat_grad.copy_(update)
+        clip = self.config.train.clip_norm
+        if clip is not None:
+            norm = float(self.flat_grad.norm())
+            if norm > clip:
+                self.flat_grad.mul_(clip / norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.config, step)
         self.optimizer.step()
