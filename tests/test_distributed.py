@@ -177,6 +177,8 @@ def test_simulated_kill_and_resume_is_bitwise_and_keeps_metrics(data_dir, tmp_pa
     [
         ("mean", {"name": "sign_flip", "params": {"scale": -1.0}}),
         ("btard", {"name": "sign_flip", "start": 3}),
+        # omniscient: in the distributed runtime the honest processes hand their gradients to the attacker's
+        ("btard", {"name": "alie", "start": 3, "params": {"z": 1.0}}),
     ],
 )
 def test_parity_simulated_vs_distributed(data_dir, tmp_path, defense, attack):
