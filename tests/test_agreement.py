@@ -30,19 +30,25 @@ def _peer(rank: int, store_path: str, out_dir: str) -> None:
     comm = TorchCollective(rank, WORLD, timeout_s=60)
     if rank in CRASHES:
         cut, reach = CRASHES[rank]
-        original = comm._exchange
         calls = []
 
-        def exchange(outgoing, sources):
-            if len(calls) == cut:
-                original({q: v for q, v in outgoing.items() if q in reach}, [])
-                comm.flush()
-                time.sleep(2.0)  # let the receivers post their receives before the socket closes
-                os._exit(0)
-            calls.append(1)
-            return original(outgoing, sources)
+        def crashing(original, restrict):
+            def exchange(outgoing, *rest):
+                if len(calls) == cut:  # reach only `reach`, receive nothing, then die
+                    original(*restrict(outgoing, reach))
+                    comm.flush()
+                    time.sleep(2.0)  # let the receivers post their receives before the socket closes
+                    os._exit(0)
+                calls.append(1)
+                return original(outgoing, *rest)
 
-        comm._exchange = exchange
+            return exchange
+
+        # the data round goes through _exchange (dict of payloads), the mask rounds through _exchange_fixed
+        comm._exchange = crashing(
+            comm._exchange, lambda out, reach: ({q: v for q, v in out.items() if q in reach}, [])
+        )
+        comm._exchange_fixed = crashing(comm._exchange_fixed, lambda mask, reach: (mask, list(reach)))
     got = comm.all_gather({rank: torch.full((3,), float(rank))}, list(range(WORLD)))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"senders": sorted(got)}, f)

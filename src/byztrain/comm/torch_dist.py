@@ -23,16 +23,18 @@ on again. Behaviour by fault:
 - a Byzantine peer that chooses to send nothing sends an explicit "nothing" header: absent at once, no
   timeout (same semantics as the in-process Collective).
 
-Consistency of all-gathers: a peer killed in the middle of an all-gather may have reached some receivers
-and not others. After the data round every member therefore runs AGREEMENT_ROUNDS rounds of tiny messages: it
+Consistency of all-gathers: a peer killed in the middle of an all-gather may have reached some receivers and
+not others. After the data round every member therefore runs AGREEMENT_ROUNDS rounds of tiny messages: it
 sends the bitmask of the senders it still keeps and intersects its set with every mask it receives (a
 missing mask is not intersected, never counted as a missing sender). All surviving members return the same
-dict as long as one of those rounds sees no crash, so 3 rounds tolerate any two peers dying during one
-all-gather (FloodSet-style consensus under crash faults; see `_agree`). With a single round, two peers
-killed together once left survivors with different views. This agreement step trusts the transport code, which is the same honest code in every process: Byzantine behaviour is
-modelled at the protocol level (attack hooks), not by forged masks or by sending different messages to
-different receivers (equivocation). BTARD assumes a broadcast channel; a deployment against a
-transport-level adversary needs a Byzantine reliable broadcast (echo + signatures) in place of this round.
+dict as long as one of those rounds sees no crash, so 3 rounds tolerate any two peers dying during one all-
+gather (FloodSet-style consensus under crash faults; see `_agree`). With a single round, two peers killed
+together once left survivors with different views. Each mask is one fixed-size message per pair (no length
+header). This agreement step trusts the transport code, which is the same honest code in every process:
+Byzantine behaviour is modelled at the protocol level (attack hooks), not by forged masks or by sending
+different messages to different receivers (equivocation). BTARD assumes a broadcast channel; a deployment
+against a transport-level adversary needs a Byzantine reliable broadcast (echo + signatures) in place of
+this round.
 
 All-to-all is point-to-point by nature: each receiver gets what reached it (no agreement round); BTARD's
 complaint / public-resend phase deals with parts that did not arrive.
@@ -351,6 +353,16 @@ class TorchCollective(Collective):
         out.update(self._await(bodies, time.monotonic() + self.timeout_s))
         return out
 
+    def _exchange_fixed(self, payload: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
+        """Send `payload` to each of `peers` and receive one tensor of the same shape and dtype from each:
+        one message per pair, no length header (so one network hop instead of two). Missing peers are left
+        out."""
+        tags = {q: self._pair_tag(q) for q in peers}
+        for q in peers:
+            self._send(payload, q, tags[q])
+        slots = {q: self._recv(torch.empty_like(payload), q, tags[q]) for q in peers}
+        return self._await(slots, time.monotonic() + self.timeout_s)
+
     def _alive(self, peers) -> list[int]:
         return [q for q in peers if q != self.rank and q not in self.dead]
 
@@ -399,14 +411,11 @@ class TorchCollective(Collective):
             for q in keep:
                 mask[q] = 1
             others = self._alive(peers)
-            masks = self._exchange({q: mask for q in others}, others)
+            masks = self._exchange_fixed(mask, others)
             for q in others:
                 m = masks.get(q)
                 if m is None:
                     continue  # died (or hung) in this round: see the docstring
-                if m.numel() != self.world_size:
-                    self._declare_dead(q, "malformed agreement mask")
-                    continue
                 keep &= {p for p in range(self.world_size) if m[p]}
         return keep
 
