@@ -27,14 +27,14 @@ Consistency of all-gathers: a peer killed in the middle of an all-gather may hav
 not others. After the data round every member therefore runs AGREEMENT_ROUNDS rounds of tiny messages: it
 sends the bitmask of the senders it still keeps and intersects its set with every mask it receives (a
 missing mask is not intersected, never counted as a missing sender). All surviving members return the same
-dict as long as one of those rounds sees no crash, so 3 rounds tolerate any two peers dying during one all-
-gather (FloodSet-style consensus under crash faults; see `_agree`). With a single round, two peers killed
-together once left survivors with different views. Each mask is one fixed-size message per pair (no length
-header). This agreement step trusts the transport code, which is the same honest code in every process:
-Byzantine behaviour is modelled at the protocol level (attack hooks), not by forged masks or by sending
-different messages to different receivers (equivocation). BTARD assumes a broadcast channel; a deployment
-against a transport-level adversary needs a Byzantine reliable broadcast (echo + signatures) in place of
-this round.
+dict as long as one of those rounds sees no crash, so 3 rounds tolerate any two peers dying during one
+all-gather (FloodSet-style consensus under crash faults; see `_agree`). With a single round, two peers
+killed together once left survivors with different views. Each mask is one fixed-size message per pair (no
+length header). This agreement step trusts the transport code, which is the same honest code in every
+process: Byzantine behaviour is modelled at the protocol level (attack hooks), not by forged masks or by
+sending different messages to different receivers (equivocation). BTARD assumes a broadcast channel; a
+deployment against a transport-level adversary needs a Byzantine reliable broadcast (echo + signatures) in
+place of this round.
 
 All-to-all is point-to-point by nature: each receiver gets what reached it (no agreement round); BTARD's
 complaint / public-resend phase deals with parts that did not arrive.
