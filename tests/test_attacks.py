@@ -499,3 +499,26 @@ def test_protocol_attack_gets_its_attackers_banned_under_btard(tmp_path, tiny_da
     # Banned once they act (from step 2); an attacker drawn as validator at step 2 acts at step 3.
     assert all(2 <= step <= 3 for step in summary["banned"].values())
     assert summary["honest_banned"] == 0
+
+
+def test_colluding_omniscient_attackers_share_one_crafted_vector(tmp_path, tiny_data, monkeypatch):
+    """ALIE is crafted once per step for all attackers (one (class, params) -> one vector), not once each."""
+    from byztrain.attacks.omniscient import ALIE, honest_std
+
+    h = honest_grads(h=9, d=1000, seed=5)
+    for ddof in (0, 1):
+        assert torch.allclose(honest_std(h, ddof), h.std(0, correction=ddof), rtol=1e-5, atol=1e-7)
+    calls = []
+    original = ALIE.craft
+    monkeypatch.setattr(ALIE, "craft", lambda self, honest, c: calls.append(c.step) or original(self, honest, c))
+    cfg = Config.from_dict({
+        "peers": 8,
+        "byzantine": 3,
+        "task": {"data_dir": str(tiny_data)},
+        "attack": {"name": "alie", "start": 2},
+        "train": {"steps": 4, "eval_every": 4, "batch_size": 8},
+        "runtime": {"threads": 1},
+        "log": {"out": str(tmp_path), "every": 1, "tensorboard": False},
+    })
+    byztrain.run(cfg, quiet=True)
+    assert calls == [2, 3, 4]  # three attackers, one craft per attacked step

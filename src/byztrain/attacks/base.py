@@ -61,6 +61,10 @@ class Attack:
     requires_defense: ClassVar[tuple[str, ...] | None] = None
     #: whether `omniscient` is implemented (the runtime then passes honest gradients).
     is_omniscient: ClassVar[bool] = False
+    #: whether `omniscient`'s vector is the same for every attacker of this class and params (it depends on
+    #: the honest gradients and the step's public context only, not on `ctx.peer` or per-peer state): the
+    #: runtime then computes it once per step and hands the same vector to all of them.
+    shared_craft: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any], config: Config, peer: int):
         unknown = set(params) - set(self.defaults)

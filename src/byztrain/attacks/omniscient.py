@@ -17,8 +17,18 @@ from byztrain.attacks._util import check_choice, check_number, is_number
 from byztrain.attacks.base import Attack, register
 
 
+def honest_std(honest: torch.Tensor, ddof: int = 1) -> torch.Tensor:
+    """Coordinate-wise std over the rows of `honest` (h, d), two-pass: sqrt(sum (g - mean)^2 / (h - ddof)).
+
+    The same quantity as `honest.std(dim=0, correction=ddof)` (to float32 rounding, ~1e-7 relative), 10-15x
+    faster on a (9, 1e5) CPU tensor: torch's reduction over dim 0 walks the columns one by one."""
+    mean = honest.mean(dim=0)
+    return (honest - mean).square_().sum(dim=0).div_(honest.shape[0] - ddof).sqrt_()
+
+
 class _Omniscient(Attack):
     is_omniscient = True
+    shared_craft = True  # a function of (honest gradients, step context): one vector for all attackers
 
     def omniscient(self, honest, ctx):
         if honest.shape[0] == 0:
@@ -114,8 +124,7 @@ class ALIE(_Omniscient):
         mean = honest.mean(dim=0)
         if honest.shape[0] < 2:
             return mean
-        std = honest.std(dim=0, correction=int(self.params["ddof"]))
-        return mean - self.z(ctx) * std
+        return mean - self.z(ctx) * honest_std(honest, int(self.params["ddof"]))
 
 
 # ---- Min-Max / Min-Sum ----------------------------------------------------------------------------
@@ -137,7 +146,7 @@ class _MinMaxBase(_Omniscient):
         """p, of unit L2 norm (zero if the direction is undefined, e.g. all honest gradients equal)."""
         kind = self.params["direction"]
         if kind == "std":
-            p = -(honest.std(dim=0) if honest.shape[0] > 1 else torch.zeros_like(mean))
+            p = -(honest_std(honest) if honest.shape[0] > 1 else torch.zeros_like(mean))
         elif kind == "unit_vec":
             p = -mean
         else:

@@ -144,10 +144,17 @@ class Round:
         return attack is not None and bool(attack.is_omniscient)
 
     def _craft(self, omniscient, peers, honest, honest_peers, out) -> None:
+        shared: dict[tuple, torch.Tensor | None] = {}  # one vector per (class, params) for shared_craft
         for row, attack in omniscient:
-            ctx = self.context(peers[row])
-            ctx.extra["honest_peers"] = honest_peers  # peer id of each row of `honest`
-            v = attack.omniscient(honest, ctx)
+            key = (type(attack), repr(sorted(attack.params.items()))) if attack.shared_craft else None
+            if key is not None and key in shared:
+                v = shared[key]
+            else:
+                ctx = self.context(peers[row])
+                ctx.extra["honest_peers"] = honest_peers  # peer id of each row of `honest`
+                v = attack.omniscient(honest, ctx)
+                if key is not None:
+                    shared[key] = v
             if v is not None:
                 out[row] = v
 
