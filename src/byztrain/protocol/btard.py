@@ -281,14 +281,7 @@ class BtardDefense(Defense):
             complaints[j] = mine
         got = comm.all_gather(complaints, self._participants(rnd))
         resend: dict[int, list[int]] = defaultdict(list)  # sender -> receivers asking for a public copy
-        for j in workers:
-            lst = got.get(j)
-            if lst is None:
-                rnd.ban(j, "silent: broadcast no complaint list")
-                continue
-            if not isinstance(lst, (list, tuple)):
-                rnd.ban(j, "malformed complaint list")
-                continue
+        for j, lst in _received_lists(rnd, got, workers, "complaint"):
             for entry in lst:
                 if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and entry[0] in workers):
                     rnd.ban(j, "malformed complaint")
@@ -557,14 +550,7 @@ class BtardDefense(Defense):
                 out[p].append((target, str(why), step))
         got = rnd.comm.all_gather(out, self._participants(rnd))
         n_acc = 0
-        for p in self._participants(rnd):
-            lst = got.get(p)
-            if lst is None:
-                rnd.ban(p, "silent: broadcast no accusation list")
-                continue
-            if not isinstance(lst, (list, tuple)):
-                rnd.ban(p, "malformed accusation list")
-                continue
+        for p, lst in _received_lists(rnd, got, self._participants(rnd), "accusation"):
             for entry in lst:
                 if rnd.is_banned(p):
                     break
@@ -591,3 +577,16 @@ class BtardDefense(Defense):
             "validator_pairs": sum(1 for _, t in pairs if t is not None),
             "accusations": n_acc,
         }
+
+
+def _received_lists(rnd: Round, got: dict, peers, what: str):
+    """(peer, list) for each peer whose `what` list broadcast arrived as a list or tuple, in `peers` order.
+    A peer whose list is missing is banned as silent, one that sent something else as malformed."""
+    for p in peers:
+        lst = got.get(p)
+        if lst is None:
+            rnd.ban(p, f"silent: broadcast no {what} list")
+        elif not isinstance(lst, (list, tuple)):
+            rnd.ban(p, f"malformed {what} list")
+        else:
+            yield p, lst
