@@ -15,7 +15,8 @@ import os
 import time
 
 WORLD = 4
-# rank -> (index of the _exchange call to cut short: 0 = data round, 1 = first mask round; ranks it reaches)
+# rank -> (exchange to cut short: 0 = the data round (_exchange), 1 = the first mask round (_exchange_fixed);
+#          the ranks it still reaches)
 CRASHES = {3: (0, [0, 1]), 2: (1, [0])}
 
 

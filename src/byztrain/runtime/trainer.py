@@ -127,11 +127,10 @@ class Trainer:
             self._emit("update_skipped", reason="non-finite aggregate")
             update = torch.zeros_like(update)
         self.flat_grad.copy_(update)
+        update_norm = update.norm().item()  # logged, and the clip's input
         clip = self.config.train.clip_norm
-        if clip is not None:
-            norm = float(self.flat_grad.norm())
-            if norm > clip:
-                self.flat_grad.mul_(clip / norm)
+        if clip is not None and update_norm > clip:
+            self.flat_grad.mul_(clip / update_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.config, step)
         self.optimizer.step()
@@ -159,7 +158,7 @@ class Trainer:
         record = {
             "train_loss": sum(losses) / len(losses) if losses else float("nan"),
             "lr": lr_at(self.config, step),
-            "update_norm": update.norm().item(),
+            "update_norm": update_norm,
         }
         record.update(result.stats)
         return record
