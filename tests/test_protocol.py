@@ -1,5 +1,5 @@
 """Protocol building blocks: partition layout, commitments, MPRNG, the projection check, validator drawing,
-audits/ACCUSE and the sorting-network median. Pure functions and the in-process Collective; no training."""
+audits/ACCUSE. Pure functions and the in-process Collective; no training."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from byztrain.protocol.commitments import (
     digest,
     is_commitment_list,
 )
-from byztrain.protocol.median import lower_median
 from byztrain.protocol.mprng import commitment, run_mprng, simulated_secret, xor_bytes
 from byztrain.protocol.partition import Layout, layout_for
 from byztrain.protocol.validators import choose_validators
@@ -333,15 +332,3 @@ def test_message_faults_and_fast_finiteness():
     assert rows_finite(x).tolist() == [True, False, False, True]  # an overflowing sum is still finite
 
 
-# ---- median ------------------------------------------------------------------------------------------
-
-
-@settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 20), k=st.integers(1, 7), ints=st.booleans(), seed=st.integers(0, 2**16))
-def test_lower_median_network_equals_torch_median(n, k, ints, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-2, 3, (3, n, k), generator=g).float() if ints else torch.randn(3, n, k, generator=g)
-    if seed % 5 == 0:
-        x[:, 0] = float("inf")
-        x[:, -1] = -float("inf")
-    assert torch.equal(lower_median(x, 1), torch.median(x, dim=1).values)
