@@ -13,8 +13,9 @@ CUDA, ``configure_determinism`` switches on:
   depends on the GPU generation);
 - ``torch.use_deterministic_algorithms(True, warn_only=True)``: deterministic kernels are chosen wherever
   PyTorch has one (scatter/index_add, ...). ``warn_only`` because a few ops used outside the gradient
-  computation have no deterministic CUDA variant and would otherwise raise: ``torch.median``/``kthvalue``
-  with indices (the median baselines; their *values* are deterministic) -- such ops warn once instead.
+  computation have no deterministic CUDA variant and would otherwise raise (``torch.median``/``kthvalue``
+  with indices; the median baselines select through ``order_stats``' sorting network on a GPU instead) --
+  such ops warn once instead.
   The gradient path (convolutions, BatchNorm, ReLU, mean pooling, linear, cross-entropy) has deterministic
   CUDA kernels under these settings.
 
