@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -36,6 +35,7 @@ from byztrain.aggregators import centered_clip_batched
 from byztrain.bench import _config, _trainer, fused_step, interleaved
 from byztrain.order_stats import lower_median
 from byztrain.protocol.commitments import digest_many
+from byztrain.protocol.partition import layout_for
 from byztrain.protocol.verification import draw_projections, partition_scalars
 
 
@@ -51,11 +51,10 @@ def measure(peers: int, batch: int, rounds: int, per_round: int, clock) -> dict:
 
     senders = peers - 1  # m = 1 validator computes no gradient of its own
     grads = torch.stack([w.gradient(x, y)[0].clone() for x, y in batches[:senders]])
-    parts_n = senders  # BTARD cuts the gradient into as many parts as there are senders
-    k = math.ceil(w.dim / parts_n)
-    padded = torch.zeros(senders, parts_n * k)
-    padded[:, : w.dim] = grads
-    stack = padded.view(senders, parts_n, k).transpose(0, 1).contiguous()  # (P, n, k)
+    layout = layout_for(w.dim, tuple(range(senders)))  # as many parts as senders, as BTARD cuts them
+    parts_n, k = layout.parts, layout.part_size
+    padded = torch.stack([layout.pad(g) for g in grads])  # (n, P, k)
+    stack = padded.transpose(0, 1).contiguous()  # (P, n, k): partition j holds every sender's part j
     flat_parts = list(padded.view(senders * parts_n, k).unbind(0))  # what the senders commit to
     ghat = stack.mean(dim=1)
     tau = 1.0
