@@ -10,35 +10,16 @@ import pytest
 import torch
 
 from byztrain import Config
-from byztrain.aggregators import centered_clip_batched
+from byztrain.aggregators import centered_clip_irls_batched
 from byztrain.attacks import Attack
 from byztrain.protocol.btard import BtardDefense
 from byztrain.protocol.partition import layout_for
 from byztrain.protocol.validators import choose_validators
+from byztrain.protocol.verification import default_check_rtol
 from byztrain.runtime.round import Round
 from byztrain.runtime.trainer import Trainer
-from byztrain.tasks import Dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared; intra-op threads only add contention
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def synthetic(monkeypatch):
-    """A small synthetic image task (10x10, 4 classes, labels from a random teacher): a ~9.5k-parameter CNN,
-    gradients in milliseconds. Real-data runs are the slow tests at the end."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1200, 1, 10, 10, generator=g)
-    teacher = torch.randn(100, 4, generator=g)
-    y = (x.reshape(len(x), -1) @ teacher).argmax(dim=1)
-    ds = Dataset("synthetic", 4, 1, 10, x[:1000].contiguous(), y[:1000].contiguous(), x[1000:], y[1000:])
-    monkeypatch.setattr("byztrain.runtime.workload.load_dataset", lambda name, data_dir=None: ds)
-    return ds
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(peers=8, validators=1, seed=0, byzantine=(), attack=None, tau=1.0, params=None, **cfg):
@@ -95,7 +76,7 @@ def expected_update(tr, exclude=()):
     layout = layout_for(tr.workload.dim, tuple(workers))
     grads = torch.stack([rnd.honest_gradient(p) for p in workers])
     X = torch.stack([layout.pad(g) for g in grads]).transpose(0, 1).contiguous()  # (P, n, k)
-    v, _ = centered_clip_batched(X, d.tau, tol=d.cclip_tol, max_iters=d.cclip_max_iters, median="lower")
+    v, _ = centered_clip_irls_batched(X, d.tau, tol=d.cclip_tol, max_iters=d.cclip_max_iters, median="lower")
     return layout.join(v), workers
 
 
@@ -236,7 +217,7 @@ class NaNParts(Attack):
 
 ADVERSARIES = {
     "part_not_as_committed": (PartNotAsCommitted, "commitment"),
-    "lying_aggregator": (LyingAggregator, "aggregation check failed"),
+    "lying_aggregator": (LyingAggregator, "differs from CenteredClip of its public parts"),
     "scalar_liar": (ScalarLiar, "check scalars"),
     "distance_liar": (DistanceLiar, "check scalars"),
     "false_accuser": (FalseAccuser, "false accusation"),
@@ -380,7 +361,17 @@ def test_params_are_validated():
     with pytest.raises(ConfigError, match="check_projections"):
         BtardDefense(Config.from_dict({"defense": {"name": "btard", "params": {"check_projections": 0}}}))
     d = BtardDefense(Config.from_dict({"defense": {"name": "btard", "cclip_tol": 1e-7}}))
-    assert math.isclose(d.check_rtol, 1e-6)
+    assert d.check_rtol is None  # derived per attempt from cclip_tol and n
+    assert math.isclose(default_check_rtol(1e-6, 14), 10 * (1e-6 + 16 * 2.0**-24))
+    for key, value, field in [
+        ("tau", 1e-30, "defense.tau"),
+        ("tau", math.inf, "defense.tau"),
+        ("cclip_tol", 1e-9, "defense.cclip_tol"),
+    ]:
+        with pytest.raises(ConfigError, match=field):
+            BtardDefense(Config.from_dict({"defense": {"name": "btard", key: value}}))
+    with pytest.raises(ConfigError, match="scalar_bound"):
+        BtardDefense(Config.from_dict({"defense": {"name": "btard", "params": {"scalar_bound": 2}}}))
 
 
 # ---- ban times against sign flipping: 10 seeds on the synthetic task ---------------------------------

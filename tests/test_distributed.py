@@ -278,3 +278,22 @@ def test_fault_kill_honest_and_byzantine_then_writer_and_resume(data_dir, tmp_pa
     sim = cfg.with_overrides([f"log.out={replay}", "runtime.kind=simulated"])
     byztrain.run(sim, quiet=True, resume=True)
     assert torch.equal(_final_state(replay)["params"], _final_state(out)["params"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["simulated", "distributed"])
+def test_a_huge_aggregate_is_caught_in_its_step_in_both_runtimes(data_dir, tmp_path, kind):
+    """A Byzantine aggregator publishes its aggregate moved by 1e8 x its norm at step 10. The check's
+    tolerance is bounded by honest quantities (at most n * tau), so the partition goes to a dispute and
+    the aggregator is banned in that step; the update applied stays an honest one, nobody else is banned
+    and the run finishes."""
+    cfg = _config(
+        data_dir, tmp_path / kind, kind=kind, steps=14, defense={"name": "btard"},
+        attack={"name": "bad_aggregation", "start": 10, "stop": 11, "params": {"size": 1e8}},
+    )
+    summary = byztrain.run(cfg, quiet=True)
+    (byz,) = choose_byzantine(cfg)
+    assert summary["steps"] == 14
+    assert summary["banned"] == {str(byz): 10} and summary["honest_banned"] == 0
+    norms = [r["update_norm"] for r in _rows(tmp_path / kind) if "update_norm" in r]
+    assert max(norms) < 100 * min(norms)

@@ -24,14 +24,15 @@ from byztrain.protocol.mprng import commitment, run_mprng, simulated_secret, xor
 from byztrain.protocol.partition import Layout, layout_for
 from byztrain.protocol.validators import choose_validators
 from byztrain.protocol.verification import (
+    clip_mass,
     clip_weights,
+    default_check_rtol,
     draw_projections,
+    implausible,
     is_scalar_message,
-    partition_residual,
     partition_scalars,
     peer_scalars,
     projection_seed,
-    residual_scale,
     scalars_agree,
 )
 
@@ -198,19 +199,36 @@ def _partition(n=9, k=400, seed=0, tau=1.5):
     return x, v, tau
 
 
+def _relative_residual(s, d, tau):
+    """max over directions of |sum_i w_i s_i| / sum_i min(d_i, tau): the number the check compares."""
+    return float((clip_weights(d, tau)[:, None] * s).sum(dim=0).abs().max() / clip_mass(d[:, None], tau)[0])
+
+
 def test_fixed_point_passes_and_a_small_aggregation_error_fails():
     x, v, tau = _partition()
     n, k = x.shape
     z64 = draw_projections(123, 3, 1, k)[:, 0].to(torch.float64)
     s, d = partition_scalars(x, v, z64)
-    scale = residual_scale(n, float(v.norm()), tau)
-    honest = partition_residual(s, d, tau).abs().max() / scale
-    assert honest < 1e-6
+    rtol = default_check_rtol(1e-6, n)
+    assert _relative_residual(s, d, tau) < rtol / 10
+    assert not implausible(s[:, None], d[:, None], 7.0).any()
     g = torch.Generator().manual_seed(5)
     u = torch.randn(k, generator=g)
     bad = v + u / u.norm() * 1e-3 * v.norm()
     s, d = partition_scalars(x, bad, z64)
-    assert partition_residual(s, d, tau).abs().max() / scale > 1e-5  # > check_rtol at cclip_tol 1e-6
+    assert _relative_residual(s, d, tau) > rtol
+
+
+def test_huge_aggregate_fails_by_a_margin_that_does_not_shrink_with_its_size():
+    """The tolerance is bounded by n * tau whatever the aggregator publishes: an aggregate moved by
+    1e7 x its norm makes every row's clipped pull tau in nearly the same direction."""
+    x, v, tau = _partition()
+    n, k = x.shape
+    z64 = draw_projections(7, 3, 1, k)[:, 0].to(torch.float64)
+    for size in (1e-1, 1e2, 1e7):
+        s, d = partition_scalars(x, v * (1 + size), z64)
+        assert _relative_residual(s, d, tau) > 100 * default_check_rtol(1e-6, n)
+        assert float(clip_mass(d[:, None], tau)[0]) <= n * tau
 
 
 def test_sender_and_aggregator_scalars_agree_and_a_lie_is_flagged():

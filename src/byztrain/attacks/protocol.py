@@ -21,11 +21,11 @@ BTARD = ("btard",)
 class BadAggregation(Attack):
     """As aggregator of partition j, publish `agg_j + size * ||agg_j|| * u` instead of the CenteredClip result.
 
-    u is a random unit direction of the partition's length, drawn per (step, attacker, partition);
-    `size` (default 1e-2) is relative to the norm of the true aggregated part, so the shift is small
-    enough to be plausible yet far outside the fixed-point check's tolerance. If the true part is exactly
-    zero the shift is zero (nothing is published wrongly). BTARD's check (random projection z after the
-    reveal, sum_i min(1, tau/d_ij) s_ij != 0) should convict the aggregator.
+    u is a random unit direction of the partition's length, drawn per (step, attacker, partition); `size`
+    (default 1e-2) is relative to the norm of the true aggregated part: 1e-2 is a plausible-looking error,
+    1e7 an explosion. If the true part is exactly zero the shift is zero. BTARD's check (random projections
+    z drawn after the aggregates are public, tolerance bounded by n * tau whatever the aggregate) sends the
+    partition to a dispute, which convicts the aggregator in the step it publishes.
     """
 
     name = "bad_aggregation"
@@ -126,3 +126,42 @@ class Silent(Attack):
 
     def on_send_parts(self, parts, ctx):
         return None
+
+
+@register
+class SelfCover(Attack):
+    """As aggregator of partition j, publish `scale * agg_j` (default -10) and cover it in the check.
+
+    The cover: the aggregator holds every part of its partition, so once z is public it computes every
+    other row's term of the check sum sum_i w_ij s_ij for its wrong aggregate, and reports for its own row
+    the s_jj that cancels them (d_jj truthful, so its weight stays what everyone computes). Against a check
+    where nobody re-derives the aggregator's own scalars this passes every time. BTARD's aggregators
+    reveal their own part with the aggregate, so everyone re-derives s_jj and the lie bans the aggregator
+    in the step it publishes.
+    """
+
+    name = "self_cover"
+    defaults = {"scale": -10.0}
+    requires_defense = BTARD
+
+    def check_params(self):
+        check_number(self, "scale")
+        if float(self.params["scale"]) == 1.0:
+            raise self.param_error("scale", "must differ from 1 (1 publishes the true aggregate)")
+
+    def on_aggregate(self, partition, value, ctx):
+        return value * float(self.params["scale"])
+
+    def on_check_scalars(self, s, d, ctx):
+        x = ctx.extra.get("partition_rows")  # (n, k): the parts this aggregator received, its own included
+        if x is None:
+            return s, d
+        jj, me = ctx.extra["partition"], ctx.extra["row"]
+        diff = x.to(torch.float64) - ctx.extra["aggregate"].to(torch.float64)
+        dist = torch.linalg.vector_norm(diff, dim=1)
+        w = torch.clamp(self.config.defense.tau / dist, max=1.0)
+        terms = w[:, None] * (diff @ ctx.extra["z"].to(torch.float64).T)  # (n, q)
+        others = terms.sum(dim=0) - terms[me]
+        s = s.clone()
+        s[jj] = -others / w[me]
+        return s, d

@@ -152,16 +152,11 @@ def part_fault(msg: object, k: int, device: torch.device | None = None, *, finit
     return None
 
 
-def accusation_list_fault(msg: object) -> str | None:
-    """Why an accusation broadcast is malformed (it must be a list of (peer id, reason) pairs)."""
-    if not isinstance(msg, (list, tuple)):
-        return "accusations are not a list"
-    for a in msg:
-        if not (
-            isinstance(a, (list, tuple))
-            and len(a) == 2
-            and isinstance(a[0], int)
-            and not isinstance(a[0], bool)
-        ):
-            return "malformed accusation entry"
-    return None
+def is_peer_id(x: object) -> bool:
+    """A peer id on the wire: a plain int (not a bool, not a tensor)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+#: What a hook result that breaks its contract becomes (`Round.tamper`): a plain value no message check
+#: accepts, which travels through the distributed codec like any message, so receivers ban its sender.
+MALFORMED = "malformed hook output"

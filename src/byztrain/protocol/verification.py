@@ -79,14 +79,22 @@ def clip_weights(d: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.where(d > tau, tau / d, torch.ones((), dtype=torch.float64, device=d.device))
 
 
-def partition_residual(s: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:
-    """R^l = sum_i min(1, tau/d_i) s_i^l for s (n, q), d (n,): (q,) float64."""
-    return (clip_weights(d, tau)[:, None] * s.to(torch.float64)).sum(dim=0)
+def clip_mass(d: torch.Tensor, tau: float) -> torch.Tensor:
+    """sum_i min(d_ij, tau) over the rows of d (n, P): (P,) float64. The scale of the check; each term is
+    at most tau, so no sender, and no aggregator through its output, can make it exceed n * tau."""
+    return d.to(torch.float64).clamp(max=tau).sum(dim=0)
 
 
-def residual_scale(n: int, ghat_norm: float, tau: float) -> float:
-    """n * (||ĝ[j]|| + tau): the quantity the residual is compared with (times check_rtol)."""
-    return n * (float(ghat_norm) + tau)
+def default_check_rtol(cclip_tol: float, n: int) -> float:
+    """10 x the honest residual bound: CenteredClip stops at ||r|| <= cclip_tol * mass, measured in float32
+    with an error below (n + 2) * 2^-24 * mass; a Gaussian direction projects r to N(0, ||r||^2)."""
+    return 10.0 * (cclip_tol + (n + 2) * 2.0**-24)
+
+
+def implausible(s: torch.Tensor, d: torch.Tensor, bound: float) -> torch.Tensor:
+    """(P,) bool: does any row report |s_ij^l| > bound * d_ij? For z drawn after g_i[j] and ĝ[j] were
+    fixed, s_ij^l ~ N(0, d_ij^2), so an honest row exceeds bound = 7 with odds 2.6e-12 per scalar."""
+    return (s.abs() > bound * d[..., None]).any(dim=2).any(dim=0)
 
 
 def scalars_agree(

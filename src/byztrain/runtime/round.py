@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ import torch
 from byztrain.attacks import Attack, AttackContext
 from byztrain.comm import Collective
 from byztrain.config import Config
+from byztrain.protocol.bans import MALFORMED
 from byztrain.runtime.workload import Workload, public_seed
 
 
@@ -65,6 +67,24 @@ class Round:
             shared_generator=gen,
         )
 
+    def tamper(self, peer: int, hook: str, honest, *args, extra: dict | None = None):
+        """The adversary's one door: what `peer` produces where the honest protocol produces `honest`.
+
+        Honest peers (and Byzantine ones outside the attack window) get `honest` back. Otherwise the
+        attack's `hook` runs on copies of `args` and the peer's context, and its result is copied too, so a
+        hook never holds a tensor the protocol goes on using (a part rewritten in place after its
+        commitment, say). A result that breaks the hook's contract becomes MALFORMED: every message check
+        rejects it, so the peer is banned for a malformed message and the run goes on.
+        """
+        attack = self.attack(peer)
+        if attack is None:
+            return honest
+        ctx = self.context(peer)
+        ctx.extra.update(_copy(extra or {}))
+        out = _copy(getattr(attack, hook)(*_copy(args), ctx))
+        check = _CONTRACTS.get(hook)
+        return out if check is None or check(out, *args) else MALFORMED
+
     # ---- gradients --------------------------------------------------------------------------
     def honest_gradient(self, peer: int, step: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Recompute `peer`'s honest gradient at `step` (this one or the previous) from public data."""
@@ -105,13 +125,19 @@ class Round:
                     self.losses[peer] = loss
                     honest_rows.append(row)
                 elif peer in self.attacks:
-                    self.attacks[peer].observe_true_gradient(out[row], self.step)
+                    self.attacks[peer].observe_true_gradient(out[row].clone(), self.step)
                 continue
-            ctx = self.context(peer)
-            x, y = attack.on_batch(x, y, ctx)
-            g, _ = self.workload.gradient(x, y, out[row])
-            attack.observe_true_gradient(g, self.step)
-            out[row] = attack.on_gradient(g, ctx)
+            batch = self.tamper(peer, "on_batch", (x, y), x, y)
+            if batch is MALFORMED:
+                out[row].fill_(math.nan)  # non-finite parts: its receivers ban it with the part as evidence
+                continue
+            g, _ = self.workload.gradient(*batch, out[row])
+            attack.observe_true_gradient(g.clone(), self.step)
+            sent = self.tamper(peer, "on_gradient", g, g)
+            if sent is MALFORMED:
+                out[row].fill_(math.nan)
+                continue
+            out[row] = sent
             if attack.is_omniscient:
                 omniscient.append((row, attack))
         if set(senders) <= set(peers):
@@ -150,12 +176,12 @@ class Round:
             if key is not None and key in shared:
                 v = shared[key]
             else:
-                ctx = self.context(peers[row])
-                ctx.extra["honest_peers"] = honest_peers  # peer id of each row of `honest`
-                v = attack.omniscient(honest, ctx)
+                v = self.tamper(peers[row], "omniscient", None, honest, extra={"honest_peers": honest_peers})
                 if key is not None:
                     shared[key] = v
-            if v is not None:
+            if v is MALFORMED:
+                out[row].fill_(math.nan)
+            elif v is not None:
                 out[row] = v
 
     def gather_sent_gradients(self, peers: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
@@ -194,6 +220,46 @@ class Round:
 
     def is_banned(self, peer: int) -> bool:
         return peer in self.banned_now
+
+
+def _copy(obj):
+    """A deep copy of the tensors in `obj` (through dicts, lists and tuples); other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy(v) for v in obj)
+    return obj
+
+
+def _same_batch(out, x, y) -> bool:
+    return (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and all(isinstance(t, torch.Tensor) for t in out)
+        and out[0].shape == x.shape
+        and out[0].dtype == x.dtype
+        and out[1].shape == y.shape
+        and out[1].dtype == y.dtype
+    )
+
+
+def _gradient_like(out, g) -> bool:
+    return isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == g.shape
+
+
+#: Per hook, what a result must be (values that receivers check on the wire anyway are not repeated here).
+_CONTRACTS = {
+    "on_batch": _same_batch,
+    "on_gradient": _gradient_like,
+    "omniscient": lambda out, honest: out is None or (
+        isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == honest.shape[1:]
+    ),
+    "on_send_parts": lambda out, parts: out is None or isinstance(out, dict),
+    "accusations": lambda out: isinstance(out, (list, tuple)),
+    "on_report": lambda out, target, reason: isinstance(out, bool),
+}
 
 
 def _is_vector(v, dim: int) -> bool:
