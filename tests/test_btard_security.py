@@ -72,7 +72,9 @@ def test_self_cover_would_pass_a_check_that_trusts_the_aggregators_own_scalars(s
     from byztrain.protocol.btard import BtardDefense
 
     monkeypatch.setattr(BtardDefense, "_check_own_rows", lambda self, *a: None)
-    monkeypatch.setattr("byztrain.protocol.btard.implausible", lambda s, d, bound: torch.zeros(s.shape[1], dtype=torch.bool))
+    off = lambda s, *a: torch.zeros(s.shape[1], dtype=torch.bool)  # noqa: E731
+    monkeypatch.setattr("byztrain.protocol.btard.implausible", off)
+    monkeypatch.setattr("byztrain.protocol.btard.off_centre", off)
     tr = with_catalogue_attack(make_trainer(peers=8, validators=0), "self_cover", 1, start=3, stop=4)
     for _ in range(3):
         tr.train_step()
@@ -99,6 +101,40 @@ def test_colluding_scalar_liars_are_exposed_when_their_lies_are_implausible(synt
     assert set(bans(tr)) == {2, 5}
     assert {e["partition"] for e in tr.events if e["type"] == "check_failed"} == {2, 5}
     assert all("disputed partition" in e["reason"] for e in bans(tr).values())
+
+
+def test_the_median_rule_catches_a_wrong_aggregate_covered_by_colluding_liars():
+    """4 of 16 rows collude with the aggregator: for each direction they report the largest plausible
+    scalars (|s| <= 7 d, d as large as they like) that cancel the weighted sum. Over many draws they pass
+    the sum and plausibility tests about half the time (docs/protocol.md, collusion); the median of the
+    scalars, which moves with the cheat while their spread does not, flags all but a few of those draws
+    (a cheat escapes only when all q projections of its error are small against the honest spread)."""
+    from byztrain.aggregators import centered_clip_irls_batched
+    from byztrain.protocol.verification import clip_mass, default_check_rtol, implausible, off_centre
+
+    g = torch.Generator().manual_seed(0)
+    n, k, tau, q, liars = 16, 1000, 1.0, 3, 4
+    x = 0.03 * torch.randn(n, k, generator=g) + 0.02 * torch.randn(k, generator=g)
+    v, _ = centered_clip_irls_batched(x[None], tau)
+    rtol = default_check_rtol(1e-6, n)
+    passed_old, caught = 0, 0
+    for _ in range(200):
+        u = torch.randn(k, generator=g, dtype=torch.float64)
+        fake = v[0].double() + 30 * tau * u / u.norm()
+        z = torch.randn(q, k, generator=g, dtype=torch.float64)
+        diff = x.double() - fake
+        s, d = diff @ z.T, diff.norm(dim=1)
+        honest_sum = (torch.clamp(tau / d[liars:], max=1.0)[:, None] * s[liars:]).sum(dim=0)  # (q,)
+        d_lie = torch.full((liars,), 1e6, dtype=torch.float64)  # weight tau / 1e6, room for |s| <= 7e6
+        s_lie = (-honest_sum / liars / (tau / d_lie[0])).expand(liars, q).clone()
+        S, D = torch.cat([s_lie, s[liars:]]), torch.cat([d_lie, d[liars:]])
+        R = (torch.clamp(tau / D, max=1.0)[:, None] * S).sum(dim=0)
+        mass = clip_mass(D[:, None], tau)[0]
+        if bool((R.abs() <= rtol * mass).all()) and not bool(implausible(S[:, None], D[:, None], 7.0)[0]):
+            passed_old += 1
+            caught += bool(off_centre(S[:, None], 8.0)[0])
+    assert passed_old > 50  # the cover works against the sum and plausibility tests alone
+    assert caught >= 0.97 * passed_old
 
 
 # ---- honest peers are never banned for numerics -------------------------------------------------

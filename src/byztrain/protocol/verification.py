@@ -91,6 +91,23 @@ def default_check_rtol(cclip_tol: float, n: int) -> float:
     return 10.0 * (cclip_tol + (n + 2) * 2.0**-24)
 
 
+def off_centre(s: torch.Tensor, bound: float) -> torch.Tensor:
+    """(P,) bool: is the median over rows of s_ij^l farther than `bound` x the rows' spread from 0, for
+    some direction l? s: (n, P, q).
+
+    s_ij^l - s_kj^l = <z^l, g_i[j] - g_k[j]> does not depend on ĝ[j], while a shift delta of ĝ[j] moves
+    every s_ij^l by -<z^l, delta>: the median moves, the spread does not. The median (the mean of the two
+    middle rows for even n) and the spread (the (n - b)-th smallest distance to it, b = ceil(n/2) - 1 the
+    most rows that can lie with an honest majority) stay within the honest rows' values whatever the
+    liars report, so this bounds a cheat covered by colluding liars by the honest spread.
+    """
+    n = s.shape[0]
+    srt = s.sort(dim=0).values
+    med = (srt[(n - 1) // 2] + srt[n // 2]) / 2  # (P, q)
+    spread = (s - med).abs().sort(dim=0).values[n - ((n + 1) // 2 - 1) - 1]
+    return (med.abs() > bound * spread).any(dim=1)
+
+
 def implausible(s: torch.Tensor, d: torch.Tensor, bound: float) -> torch.Tensor:
     """(P,) bool: does any row report |s_ij^l| > bound * d_ij? For z drawn after g_i[j] and ĝ[j] were
     fixed, s_ij^l ~ N(0, d_ij^2), so an honest row exceeds bound = 7 with odds 2.6e-12 per scalar."""
