@@ -337,7 +337,7 @@ def _run_local(config: Config, progress: bool, resume: bool) -> dict:
     world = config.peers
     run_dir = Path(config.out_dir)
     if resume:
-        ckpt.check_resumable(config, run_dir)  # fail here, with the message, rather than in every child
+        ckpt.resume_plan(config, run_dir)  # fail here, with the message, rather than in every child
     store = dist.TCPStore(
         "127.0.0.1",
         0,
