@@ -28,6 +28,7 @@ from byztrain import Config
 from byztrain.comm.torch_dist import MessageError, decode, encode
 from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime.distributed import FAULT_ENV, DistributedRunError
+from byztrain.runtime.majority import HonestMajorityLost
 from byztrain.runtime.outputs import WALL_CLOCK_FIELDS
 from byztrain.runtime.trainer import Trainer, choose_byzantine
 
@@ -338,3 +339,24 @@ def test_fault_kill_honest_and_byzantine_then_writer_and_resume(data_dir, tmp_pa
     byztrain.run(sim, quiet=True, resume=True)
     assert torch.equal(_final_state(replay)["params"], _final_state(out)["params"])
 
+
+@pytest.mark.slow
+def test_distributed_run_stops_when_crashes_leave_no_honest_majority(data_dir, tmp_path, monkeypatch):
+    """4 processes, 1 Byzantine (a sleeper), mean: two honest processes are killed (after steps 3 and 5). Each
+    is banned as silent, which alone the runtime tolerates; after the second, the Byzantine peer is 1 of 2
+    active. Every process stops at that step (no hang), the writer flushes the metrics and keeps a
+    checkpoint, and the parent raises HonestMajorityLost with the reason; no summary.json."""
+    out = tmp_path / "run"
+    cfg = _config(data_dir, out, kind="distributed", attack={"name": "sign_flip", "start": 1000})
+    byz = choose_byzantine(cfg)
+    h1, h2 = [p for p in range(1, 4) if p not in byz]
+    monkeypatch.setenv(FAULT_ENV, f"{h1}@3,{h2}@5")
+    with pytest.raises(HonestMajorityLost, match="stopped at step 6: Byzantine share 1 of 2 active peers"):
+        byztrain.run(cfg, quiet=True)
+    events = _rows(out, "events.jsonl")
+    bans = {e["peer"]: e for e in events if e["type"] == "ban"}
+    assert set(bans) == {h1, h2} and all(e["reason"].startswith("silent") for e in bans.values())
+    (stop,) = [e for e in events if e["type"] == "majority_lost"]
+    assert stop["step"] == 6 and stop["honest_silent"] == [h1, h2] and stop["byzantine_active"] == 1
+    assert [r["step"] for r in _rows(out)] == [0, 5, 6]
+    assert _final_state(out)["step"] == 6 and not (out / "summary.json").exists()
