@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -27,6 +28,7 @@ from byztrain import Config
 from byztrain.comm.torch_dist import MessageError, decode, encode
 from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime.distributed import FAULT_ENV, DistributedRunError
+from byztrain.runtime.majority import HonestMajorityLost
 from byztrain.runtime.outputs import WALL_CLOCK_FIELDS
 from byztrain.runtime.trainer import Trainer, choose_byzantine
 
@@ -168,6 +170,64 @@ def test_simulated_kill_and_resume_is_bitwise_and_keeps_metrics(data_dir, tmp_pa
         byztrain.run(cut.with_overrides(["train.lr=0.1"]), quiet=True, resume=True)
 
 
+def test_resume_with_other_numerics_is_refused_naming_the_fix(data_dir, tmp_path, monkeypatch):
+    """The default CNN's gradients differ in their last bits between 1 and 2 torch threads: a BTARD run
+    computed at 1 thread and resumed at 2 had its first validator ban an honest peer (step 11 here). Such a
+    resume is refused in both runtimes, naming the setting, and leaves the folder as it was; with the same
+    numerics the run continues bit for bit."""
+    over = {"runtime": {"checkpoint_every": 5}, "log": {"every": 1, "tensorboard": False}}
+    honest = {"byzantine": 0, "attack": {"name": "none"}, "defense": {"name": "btard"}}
+    full = _config(data_dir, tmp_path / "full", steps=14, **honest, **over)
+    byztrain.run(full, quiet=True)
+    cut = full.with_overrides([f"log.out={tmp_path / 'cut'}"])
+    original = Trainer.train_step
+
+    def dying(self):
+        if self.step == 12:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        byztrain.run(cut, quiet=True)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    before = (tmp_path / "cut" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"'runtime.threads'.*threads 1 -> 2.*resume with runtime.threads=1"):
+        byztrain.run(cut.with_overrides(["runtime.threads=2"]), quiet=True, resume=True)
+    # the distributed runtime refuses it too, before starting any process
+    with pytest.raises(ValueError, match="resume with runtime.threads=1"):
+        byztrain.run(cut.with_overrides(["runtime.kind=distributed", "runtime.threads=2"]), quiet=True, resume=True)
+    pointer = tmp_path / "cut" / "checkpoints" / "latest.json"
+    saved = json.loads(pointer.read_text())
+    pointer.write_text(json.dumps({**saved, "numerics": {**saved["numerics"], "torch": "0.0"}}))
+    with pytest.raises(ValueError, match=f"torch version 0.0 -> {re.escape(torch.__version__)}.*resume with torch 0.0"):
+        byztrain.run(cut, quiet=True, resume=True)
+    pointer.write_text(json.dumps(saved))
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == before
+    assert torch.get_num_threads() == 1  # a refused resume leaves the caller's thread count alone
+    summary = byztrain.run(cut, quiet=True, resume=True)
+    assert summary["steps"] == 14 and summary["banned"] == {}
+    assert torch.equal(_final_state(tmp_path / "full")["params"], _final_state(tmp_path / "cut")["params"])
+
+
+def test_numerics_compare_effective_threads_across_runtimes(monkeypatch):
+    """A simulated checkpoint resumes distributed (one thread per process unless runtime.threads says more)
+    exactly when both count the same threads."""
+    sim = Config.from_dict({"runtime": {"kind": "simulated"}})
+    dist_ = Config.from_dict({"runtime": {"kind": "distributed"}})
+    assert ckpt.numerics(sim)["threads"] == 1  # the autouse fixture's count
+    ckpt.check_numerics(dist_, {"numerics": ckpt.numerics(sim)})
+    torch.set_num_threads(2)
+    at_two = {"numerics": ckpt.numerics(sim)}
+    assert at_two["numerics"]["threads"] == 2
+    with pytest.raises(ValueError, match="resume with runtime.threads=2"):
+        ckpt.check_numerics(dist_, at_two)
+    ckpt.check_numerics(dist_.with_overrides(["runtime.threads=2"]), at_two)
+    ckpt.check_numerics(dist_, {"step": 5})  # a checkpoint without numerics (older) is not checked
+    with pytest.raises(ValueError, match="'runtime.device'.*device cuda -> cpu"):
+        ckpt.check_numerics(sim, {"numerics": {**at_two["numerics"], "device": "cuda"}})
+
+
 # ---- processes -----------------------------------------------------------------------------------------
 
 
@@ -297,3 +357,24 @@ def test_a_huge_aggregate_is_caught_in_its_step_in_both_runtimes(data_dir, tmp_p
     assert summary["banned"] == {str(byz): 10} and summary["honest_banned"] == 0
     norms = [r["update_norm"] for r in _rows(tmp_path / kind) if "update_norm" in r]
     assert max(norms) < 100 * min(norms)
+
+
+def test_distributed_run_stops_when_crashes_leave_no_honest_majority(data_dir, tmp_path, monkeypatch):
+    """4 processes, 1 Byzantine (a sleeper), mean: two honest processes are killed (after steps 3 and 5). Each
+    is banned as silent, which alone the runtime tolerates; after the second, the Byzantine peer is 1 of 2
+    active. Every process stops at that step (no hang), the writer flushes the metrics and keeps a
+    checkpoint, and the parent raises HonestMajorityLost with the reason; no summary.json."""
+    out = tmp_path / "run"
+    cfg = _config(data_dir, out, kind="distributed", attack={"name": "sign_flip", "start": 1000})
+    byz = choose_byzantine(cfg)
+    h1, h2 = [p for p in range(1, 4) if p not in byz]
+    monkeypatch.setenv(FAULT_ENV, f"{h1}@3,{h2}@5")
+    with pytest.raises(HonestMajorityLost, match="stopped at step 6: Byzantine share 1 of 2 active peers"):
+        byztrain.run(cfg, quiet=True)
+    events = _rows(out, "events.jsonl")
+    bans = {e["peer"]: e for e in events if e["type"] == "ban"}
+    assert set(bans) == {h1, h2} and all(e["reason"].startswith("silent") for e in bans.values())
+    (stop,) = [e for e in events if e["type"] == "majority_lost"]
+    assert stop["step"] == 6 and stop["honest_silent"] == [h1, h2] and stop["byzantine_active"] == 1
+    assert [r["step"] for r in _rows(out)] == [0, 5, 6]
+    assert _final_state(out)["step"] == 6 and not (out / "summary.json").exists()

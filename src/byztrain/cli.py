@@ -112,8 +112,13 @@ def _register_optional_commands(sub) -> None:
         module.register(sub)
 
 
+#: exit code of a run stopped because its honest majority was lost (byztrain.runtime.majority)
+EXIT_MAJORITY_LOST = 3
+
+
 def main(argv: list[str] | None = None) -> int:
     from byztrain.config import ConfigError
+    from byztrain.runtime.majority import HonestMajorityLost
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -129,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         # Missing data or config files: the message already says where we looked and what to do.
         print(f"byztrain: error: {exc}", file=sys.stderr)
         return 2
+    except HonestMajorityLost as exc:  # an expected stop: the message says what broke, no traceback
+        print(f"byztrain: stopped: {exc}", file=sys.stderr)
+        return EXIT_MAJORITY_LOST
     except KeyboardInterrupt:
         print("byztrain: interrupted; metrics written so far are in the run folder", file=sys.stderr)
         return 130

@@ -2,7 +2,7 @@
 
 Layout (one checkpoint kept; the pointer is replaced atomically after its files exist):
 
-    <run>/checkpoints/latest.json          {"step", "dir", "peers", "config_hash", "runtime"}
+    <run>/checkpoints/latest.json          {"step", "dir", "peers", "config_hash", "runtime", "numerics"}
     <run>/checkpoints/step-0000200/common.pt       the state every honest peer holds identically
     <run>/checkpoints/step-0000200/attack-<peer>.pt  one per Byzantine peer with an attack (its own state)
 
@@ -17,6 +17,16 @@ checkpoint resumes distributed and vice versa.
 Nothing else needs saving: minibatches, validator draws and attack randomness are functions of public
 seeds (run seed, step, peer, r_{t-1}), models have no dropout/BatchNorm, and no code draws from the global
 RNG, so a resumed run continues bit for bit (tests/test_distributed.py checks it).
+
+What else decides a gradient's bits is fixed for a run and recorded in latest.json as "numerics"
+(`numerics`): torch's intra-op thread count (reductions split differently with more threads), the device
+type (and GPU model / CPU vector capability), the torch version and the default dtype. A resume that would
+change any of them is refused with a ConfigError naming it (`check_numerics`): validators compare
+recomputed gradients bitwise, so the first validator of the resumed run would ban an honest peer. The
+thread count compared is the effective one, `runtime.threads`, or else 1 per process in the distributed
+runtime and torch's current count in the simulator; so a simulated checkpoint resumes distributed (and vice
+versa) exactly when both count the same threads (e.g. runtime.threads=1 in both). runtime.* keys may differ
+(RESUMABLE_CHANGES) as long as these effective values do not.
 
 On resume, lines of metrics.jsonl and events.jsonl after the checkpoint step are dropped (the steps are
 recomputed, so nothing is duplicated), and a `resume` event is appended.
@@ -42,6 +52,60 @@ DEFAULT_DISTRIBUTED_EVERY = 50
 
 #: config keys that may differ between a run and its resumption (they do not change the results)
 RESUMABLE_CHANGES = ("runtime", "log")
+
+
+def effective_threads(config: Config) -> int:
+    """Intra-op threads the gradients are computed with (see the module docstring)."""
+    if config.runtime.threads:
+        return int(config.runtime.threads)
+    return 1 if config.runtime.kind == "distributed" else torch.get_num_threads()
+
+
+def numerics(config: Config) -> dict:
+    """What decides a gradient's bits besides the config (recorded with every checkpoint)."""
+    device = torch.device(config.runtime.device)
+    out = {
+        "threads": effective_threads(config),
+        "device": device.type,
+        "torch": torch.__version__,
+        "dtype": str(torch.get_default_dtype()).removeprefix("torch."),
+    }
+    if device.type == "cpu":
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    elif device.type == "cuda" and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def check_numerics(config: Config, info: dict) -> None:
+    """Refuse to resume the checkpoint `info` (latest.json) with other numerics than it was computed with.
+    Checkpoints written before numerics were recorded are not checked."""
+    saved = info.get("numerics")
+    if not isinstance(saved, dict):
+        return
+    now = numerics(config)
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    if not changed:
+        return
+    label = {"threads": "torch intra-op threads", "torch": "torch version", "dtype": "default dtype",
+             "cpu_capability": "CPU kernels"}
+    what = ", ".join(f"{label.get(k, k)} {saved[k]} -> {now[k]}" for k in changed)
+    fix = {
+        "threads": f"runtime.threads={saved.get('threads')}",
+        "device": f"runtime.device={saved.get('device')}",
+        "torch": f"torch {saved.get('torch')}",
+        "dtype": f"torch.set_default_dtype(torch.{saved.get('dtype')})",
+        "cpu_capability": f"a CPU with {saved.get('cpu_capability')} kernels (or ATEN_CPU_CAPABILITY="
+        f"{str(saved.get('cpu_capability')).lower()} if this CPU supports them)",
+        "gpu": f"a {saved.get('gpu')} GPU",
+    }
+    field = {"threads": "runtime.threads", "device": "runtime.device"}.get(changed[0], "<resume>")
+    raise ConfigError(
+        field,
+        f"the run's gradients were computed with other numerics than this resume would use ({what}): gradients "
+        f"differ in their last bits, so validators would ban honest peers and the run would not continue bit for "
+        f"bit; resume with {' and '.join(fix[k] for k in changed)}, or start a new run folder",
+    )
 
 
 def checkpoint_every(config: Config) -> int:
@@ -132,6 +196,7 @@ def write(run_dir: Path, config: Config, step: int, common: bytes, attacks: dict
             "config_hash": config.config_hash(),
             "resume_key": resume_key(config),
             "runtime": config.runtime.kind,
+            "numerics": numerics(config),
         },
     )
     for old in base.iterdir():
@@ -210,12 +275,9 @@ def truncate_logs(run_dir: Path, step: int) -> None:
         tmp.replace(path)
 
 
-def prepare_resume(config: Config, run_dir: Path) -> tuple[dict | None, dict | None]:
-    """For `--resume`: (checkpoint info or None, the finished run's summary or None).
-
-    A run folder whose summary.json exists (same config hash) is finished: nothing to do. Otherwise the
-    logs are cut back to the checkpoint step; with no checkpoint the run starts over (fresh logs).
-    """
+def resume_plan(config: Config, run_dir: Path) -> tuple[dict | None, dict | None]:
+    """What `--resume` would do, without touching the folder: (checkpoint info or None, the finished run's
+    summary or None). Raises ConfigError when the config or the numerics do not allow resuming."""
     run_dir = Path(run_dir)
     check_resumable(config, run_dir)
     summary_path = run_dir / "summary.json"
@@ -230,9 +292,23 @@ def prepare_resume(config: Config, run_dir: Path) -> tuple[dict | None, dict | N
     if info is not None and info.get("resume_key") != resume_key(config):
         info = None  # a checkpoint of another run: start over
     if info is not None:
-        truncate_logs(run_dir, int(info["step"]))
+        check_numerics(config, info)
+    return info, None
+
+
+def prepare_resume(config: Config, run_dir: Path) -> tuple[dict | None, dict | None]:
+    """For `--resume`: (checkpoint info or None, the finished run's summary or None).
+
+    A run folder whose summary.json exists (same config hash) is finished: nothing to do. Otherwise the
+    logs are cut back to the checkpoint step; with no checkpoint the run starts over (fresh logs).
+    """
+    info, finished = resume_plan(config, run_dir)
+    if finished is not None:
+        return None, finished
+    if info is not None:
+        truncate_logs(Path(run_dir), int(info["step"]))
     else:
-        clear(run_dir)
+        clear(Path(run_dir))
     return info, None
 
 

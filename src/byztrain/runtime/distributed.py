@@ -21,7 +21,11 @@ Faults (docs/distributed.md has the full table):
   `DistributedRunError` naming the last checkpoint; `byztrain run --resume` continues from it. Under
   torchrun the agent stops the group; with `--max-restarts N` it restarts it and the run resumes by itself
   (TORCHELASTIC_RESTART_COUNT > 0 implies --resume);
-- a banned peer's process stops (exit code 0): nobody talks to it any more.
+- a banned peer's process stops (exit code 0): nobody talks to it any more;
+- the honest majority is lost (runtime/majority.py): every process sees it at the same step (it is a
+  function of the common state), the writer flushes the metrics and keeps a checkpoint, every process still
+  in the run exits with EXIT_MAJORITY_LOST and `run_distributed` raises `HonestMajorityLost` with the
+  reason. A resume stops again at once: the run cannot go on.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ from byztrain.comm import PeerExcluded
 from byztrain.comm.torch_dist import TorchCollective
 from byztrain.config import Config, ConfigError
 from byztrain.runtime import checkpoint as ckpt
+from byztrain.runtime.majority import HonestMajorityLost
 from byztrain.runtime.outputs import RunWriter
 from byztrain.runtime.trainer import Trainer
 
 WRITER = 0
 EXIT_STOPPED = 75  # the run stopped cleanly (writer lost / no quorum); resume from the checkpoint
+EXIT_MAJORITY_LOST = 76  # the run stopped for good: the honest majority is lost (runtime/majority.py)
 #: test / chaos hook: "RANK@STEP[,RANK@STEP...]" -> that rank SIGKILLs itself right after finishing STEP
 #: (in a run that started fresh, not in a resumed one, so a restarted group does not kill itself again)
 FAULT_ENV = "BYZTRAIN_FAULT_KILL"
@@ -265,18 +271,24 @@ def _rank_main(config: Config, rank: int, world: int, store, progress: bool, res
             return code, None
         except PeerExcluded:
             return 0, None
+        except HonestMajorityLost:
+            _closing_exchange(comm, rank, trainer.active, None)  # the writer's last gathers complete
+            raise
         if writer is not None:
             writer.summary(summary)
-        # closing exchange: everyone still active learns the summary (and it doubles as a final barrier)
-        with comm.unaccounted():
-            got = comm.all_gather({rank: summary if rank == WRITER else None}, list(trainer.active))
-        summary = got.get(WRITER) or summary
-        comm.flush(min(comm.timeout_s, 30.0))  # let the others take our last messages before we exit
-        return code, summary
+        return code, _closing_exchange(comm, rank, trainer.active, summary)
     finally:
         if writer is not None:
             writer.close()
         comm.close()  # no thread left blocked in gloo: a normal interpreter exit (torchrun) stays clean
+
+
+def _closing_exchange(comm: TorchCollective, rank: int, active: list[int], summary: dict | None) -> dict | None:
+    """Everyone still active learns the writer's summary; it doubles as a final barrier."""
+    with comm.unaccounted():
+        got = comm.all_gather({rank: summary if rank == WRITER else None}, list(active))
+    comm.flush(min(comm.timeout_s, 30.0))  # let the others take our last messages before we exit
+    return got.get(WRITER) or summary
 
 
 def _spawned(config: Config, rank: int, world: int, port: int, progress: bool, resume: bool) -> None:
@@ -289,6 +301,8 @@ def _spawned(config: Config, rank: int, world: int, port: int, progress: bool, r
     except ConfigError as exc:
         print(f"byztrain rank {rank}: {exc}", file=sys.stderr)
         code = 2
+    except HonestMajorityLost:  # the parent reports it, with the reason from events.jsonl
+        code = EXIT_MAJORITY_LOST
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent reports it
         code = 130
     except BaseException:  # noqa: BLE001 - report, then exit without running atexit handlers
@@ -337,7 +351,7 @@ def _run_local(config: Config, progress: bool, resume: bool) -> dict:
     world = config.peers
     run_dir = Path(config.out_dir)
     if resume:
-        ckpt.check_resumable(config, run_dir)  # fail here, with the message, rather than in every child
+        ckpt.resume_plan(config, run_dir)  # fail here, with the message, rather than in every child
     store = dist.TCPStore(
         "127.0.0.1",
         0,
@@ -361,13 +375,13 @@ def _run_local(config: Config, progress: bool, resume: bool) -> dict:
     try:
         while procs[WRITER].exitcode is None:
             for r, p in enumerate(procs):
-                if r != WRITER and p.exitcode not in (None, 0) and r not in reported:
+                if r != WRITER and p.exitcode not in (None, 0, EXIT_MAJORITY_LOST) and r not in reported:
                     reported.add(r)
                     print(f"byztrain: rank {r} exited with {_describe(p.exitcode)}; the run goes on without it",
                           file=sys.stderr)
             procs[WRITER].join(0.2)
         code = procs[WRITER].exitcode
-        grace = time.monotonic() + (10.0 if code == 0 else 0.0)
+        grace = time.monotonic() + (10.0 if code in (0, EXIT_MAJORITY_LOST) else 0.0)
         for p in procs:
             p.join(max(grace - time.monotonic(), 0.0))
     finally:
@@ -376,6 +390,8 @@ def _run_local(config: Config, progress: bool, resume: bool) -> dict:
         return json.loads((run_dir / "summary.json").read_text())
     if code == 2:
         raise ConfigError("<resume>", "rank 0 refused the run (see its message above)")
+    if code == EXIT_MAJORITY_LOST:
+        raise HonestMajorityLost(_majority_lost_reason(run_dir))
     info = ckpt.latest(run_dir)
     where = (
         f"the last checkpoint is at step {info['step']}" if info else "there is no checkpoint yet (it restarts)"
@@ -383,6 +399,22 @@ def _run_local(config: Config, progress: bool, resume: bool) -> dict:
     raise DistributedRunError(
         f"the distributed run stopped: rank 0 (the writer) exited with {_describe(code)}; metrics written so far "
         f"are in {run_dir}; {where}: continue with `byztrain run --resume --out {run_dir}`"
+    )
+
+
+def _majority_lost_reason(run_dir: Path) -> str:
+    """The message for a run rank 0 stopped for losing its honest majority: its last majority_lost event."""
+    reason, step = "see its majority_lost event", "?"
+    try:
+        for line in (run_dir / "events.jsonl").read_text().splitlines():
+            e = json.loads(line)
+            if isinstance(e, dict) and e.get("type") == "majority_lost":
+                reason, step = e.get("reason", reason), e.get("step", step)
+    except (OSError, ValueError):
+        pass
+    return (
+        f"the distributed run stopped at step {step}: {reason}. The defense's guarantees no longer hold, so the "
+        f"run does not go on; its metrics and events so far are kept in {run_dir}"
     )
 
 

@@ -17,18 +17,18 @@ def run_simulated(
 ) -> dict:
     """Run `config` in this process. `resume`: continue from the run folder's checkpoint (if any; a finished
     run returns its summary; without a checkpoint the run starts over)."""
-    threads = config.runtime.threads
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     run_dir = Path(out_dir) if out_dir is not None else config.out_dir
     info = None
-    if resume:
+    if resume:  # before the thread count is set: a refused resume leaves the caller's threads alone
         info, finished = ckpt.prepare_resume(config, run_dir)
         if finished is not None:
             return finished
     else:
         ckpt.clear(run_dir)
+    threads = config.runtime.threads
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     writer = RunWriter(config, run_dir, resume=info is not None)
     try:
         trainer = Trainer(config, writer=writer, progress=progress)

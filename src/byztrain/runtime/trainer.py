@@ -19,6 +19,7 @@ from byztrain.comm import Collective, LocalCollective
 from byztrain.config import Config
 from byztrain.defenses import Defense, build_defense
 from byztrain.runtime import checkpoint as ckpt
+from byztrain.runtime import majority
 from byztrain.runtime.outputs import RunWriter
 from byztrain.runtime.round import History, Round
 from byztrain.runtime.workload import Workload, public_seed
@@ -63,6 +64,8 @@ class Trainer:
         self.defense: Defense = build_defense(config)
         self.active = list(range(config.peers))
         self.banned: dict[int, int] = {}  # peer -> step of the ban
+        self.silent_bans: set[int] = set()  # banned for silence (a crash in the distributed runtime)
+        self.majority_lost: dict | None = None  # set when the run must stop (runtime/majority.py)
         self.shared_random = public_seed(config.seed, 0, -1, 0)  # r_0, before any MPRNG ran
         self.previous: History | None = None
         self.keep_history = getattr(self.defense, "needs_history", False)
@@ -141,10 +144,16 @@ class Trainer:
             self.shared_random = result.shared_random
         else:
             self.shared_random = public_seed(self.config.seed, step, -1, 0)
-        for peer in rnd.banned_now:
+        for peer, reason in rnd.banned_now.items():
             if peer in self.active:
                 self.active.remove(peer)
                 self.banned[peer] = step
+                if majority.is_silence(reason):
+                    self.silent_bans.add(peer)
+        if rnd.banned_now and self.majority_lost is None:
+            self.majority_lost = self._check_majority()
+            if self.majority_lost is not None:
+                self._emit("majority_lost", **self.majority_lost)
 
         sent, received = self.comm.take_byte_counts()
         local = [p for p in self.comm.local_peers if p in rnd.active]  # an explicit 0 is a count, absence is not
@@ -174,6 +183,9 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def run(self, on_step: Callable[[int], None] | None = None) -> dict:
         cfg = self.config
+        lost = self._check_majority()  # a resumed run that had stopped for this stops again at once
+        if lost is not None:
+            raise majority.HonestMajorityLost(self._lost_message(lost))
         started = time.perf_counter() - self.elapsed_before
         bar = None
         if self.progress:
@@ -188,19 +200,17 @@ class Trainer:
             self._window.append(record)
             step = self.step
             self._after_step()
+            if self.majority_lost is not None:
+                if bar is not None:
+                    bar.close()
+                self._stop_majority_lost(started)
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
             is_log = step % cfg.log.every == 0 or is_eval
             is_ckpt = self._checkpoint_due(step)
             if is_log or is_ckpt:
                 self._sync()
             if is_log:
-                merged = self._merge_window()
-                merged["step"] = step
-                merged["active_peers"] = len(self.active)
-                merged["banned"] = sorted(self.banned)
-                if is_eval:
-                    merged.update(self.evaluate())
-                self._log(merged, started)
+                merged = self._log_window(started, evaluate=is_eval)
                 if bar is not None:
                     post = {"loss": f"{merged.get('train_loss', float('nan')):.3f}"}
                     if self.test_accuracy is not None:
@@ -217,6 +227,37 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self.summary(time.perf_counter() - started)
+
+    def _log_window(self, started: float, evaluate: bool = False) -> dict:
+        merged = self._merge_window()
+        merged["step"] = self.step
+        merged["active_peers"] = len(self.active)
+        merged["banned"] = sorted(self.banned)
+        if evaluate:
+            merged.update(self.evaluate())
+        self._log(dict(merged), started)
+        return merged
+
+    # ---- the honest-majority stop (runtime/majority.py) ------------------------------------------
+    def _check_majority(self) -> dict | None:
+        return majority.lost(self.config, self.byzantine, self.active, self.banned, self.silent_bans)
+
+    def _lost_message(self, lost: dict) -> str:
+        where = f" in {self.writer.dir}" if self.writer is not None else ""
+        return (
+            f"the run stopped at step {self.step}: {lost['reason']}. The defense's guarantees no longer hold, so "
+            f"the run does not go on; its metrics and events so far are kept{where}"
+        )
+
+    def _stop_majority_lost(self, started: float) -> None:
+        """Flush the logging window and, when checkpoints are on, keep a checkpoint of this step; then raise.
+        Every process of the distributed runtime still in the run gets here at the same step (the check reads
+        the common state; `_after_step` has already stopped a banned or cut-off one)."""
+        self._sync()
+        self._log_window(started)
+        if self.final_checkpoint:
+            self.save_checkpoint(time.perf_counter() - started)
+        raise majority.HonestMajorityLost(self._lost_message(self.majority_lost))
 
     # ---- hooks the distributed runtime overrides -------------------------------------------------
     def _after_step(self) -> None:
@@ -281,6 +322,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "active": list(self.active),
             "banned": dict(self.banned),
+            "silent_bans": sorted(self.silent_bans),
             "shared_random": self.shared_random,
             "previous": self.previous,
             "test_accuracy": self.test_accuracy,
@@ -303,6 +345,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.active = list(state["active"])
         self.banned = {int(k): int(v) for k, v in state["banned"].items()}
+        self.silent_bans = {int(p) for p in state.get("silent_bans", ())}
         self.shared_random = state["shared_random"]
         prev = state["previous"]
         if prev is not None:
