@@ -15,10 +15,18 @@ Gradient/data hooks (every defense):
   Min-Max); called after all honest gradients exist, `honest` is an (h, d) tensor. Returning None keeps the
   value produced by `on_gradient`.
 
+Every hook is called through `Round.tamper`: it receives copies (never a tensor the protocol goes on using)
+and its result is copied and checked against the hook's contract; a result that breaks it (a wrong shape or
+dtype, None where a value is due, an accusation that is not a (peer, reason) pair, ...) becomes a malformed
+message and its peer is banned. A hook receives only what is public at that moment or its own.
+
 Protocol hooks (BTARD only; see byztrain.protocol):
 - `on_send_parts(parts, ctx)` -> dict receiver -> part, or None to send nothing (silent).
 - `on_aggregate(partition, value, ctx)` -> the aggregated part this peer publishes as aggregator.
-- `on_check_scalars(s, d, ctx)` -> (s, d): the random-projection scalars this peer broadcasts.
+- `on_check_scalars(s, d, ctx)` -> (s, d): the random-projection scalars this peer broadcasts. An aggregator
+  also finds in `ctx.extra` what it holds of its partition: "partition" (its index), "row" (its own row),
+  "partition_rows" (the (n, k) parts it received), "aggregate" (the published ĝ[j]) and "z" (the q public
+  directions restricted to the partition).
 - `on_mprng_reveal(secret, ctx)` -> bytes or None: the MPRNG reveal (None withholds it).
 - `accusations(ctx)` -> list of (target peer, reason): false accusations this peer raises.
 - `on_report(target, reason, ctx)` -> bool: whether to raise an accusation the honest protocol calls for

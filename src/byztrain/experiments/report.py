@@ -1,6 +1,6 @@
 """`byztrain report DIR`: results.csv, report.md and PNG figures from the run folders below DIR.
 
-A run folder is any folder holding config.yaml and metrics.jsonl (DESIGN.md 5.2); it is *finished* when it
+A run folder is any folder holding config.yaml and metrics.jsonl (README, Outputs); it is *finished* when it
 also holds summary.json, *failed* when it holds error.txt (written by `byztrain sweep`), else *unfinished*
 (killed or still running: its metrics so far are used and it is marked as such).
 

@@ -3,7 +3,7 @@
 A part's commitment is sha256 over its canonical bytes: float32, little-endian, C-contiguous, exactly the
 k floats sent (padding included). The commitment is what a receiver checks a scattered part against and
 what a validator compares its recomputation with, so it must not depend on memory layout, device or the
-host's byte order (pitfall 6): `canonical_bytes` normalises all three.
+host's byte order: `canonical_bytes` normalises all three.
 
 `DigestCache` memoises digests of unchanged tensors within one step: a tensor is identified by its data
 pointer, length, dtype and autograd version counter (bumped by every in-place write to it or to any view

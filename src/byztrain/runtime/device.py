@@ -1,4 +1,4 @@
-"""Device selection and the deterministic settings a GPU run needs (btard-protocol.md section 5, pitfall 5).
+"""Device selection and the deterministic settings a GPU run needs (validators compare recomputed gradients bit for bit: docs/protocol.md 4.2).
 
 BTARD validators recompute other peers' gradients and compare hashes of exact bytes, so the same
 (parameters, public seed) must give the same gradient bits every time on one software/hardware stack.

@@ -1,4 +1,4 @@
-"""The run folder contract (DESIGN.md 5.2): config.yaml, metrics.jsonl, events.jsonl, summary.json, tb/.
+"""The run folder contract (README, Outputs): config.yaml, metrics.jsonl, events.jsonl, summary.json, tb/.
 
 Every metrics/events line is flushed as it is written, so a killed run keeps everything it logged;
 summary.json is written atomically (temp file + rename), so it exists only for finished runs.

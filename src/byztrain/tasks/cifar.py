@@ -4,7 +4,7 @@ Files: ``cifar-10-batches-py/`` with ``data_batch_1`` .. ``data_batch_5`` and ``
 dict with ``data`` (uint8, N x 3072: 1024 red, 1024 green, 1024 blue values, rows top to bottom) and
 ``labels`` (N ints in 0..9); distributed as https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz.
 
-Where they are looked for, first hit wins (the same order as the MNIST family, DESIGN.md section 4):
+Where they are looked for, first hit wins (the same order as the MNIST family, README: Data):
 ``task.data_dir`` (the directory itself, then ``<dir>/cifar10``), ``$BYZTRAIN_DATA`` (same two), then
 ``~/.cache/byztrain/cifar10``. In each directory, any of: the six files directly, the extracted folder
 ``cifar-10-batches-py/``, or the archive ``cifar-10-python.tar.gz`` itself (read in place, not extracted).

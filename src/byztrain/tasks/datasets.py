@@ -140,7 +140,7 @@ def _candidates(name: str, data_dir: str | os.PathLike | None, spec: _IdxSpec) -
 def candidate_dirs(
     name: str, data_dir: str | os.PathLike | None, apt_package: str | None = None
 ) -> list[tuple[Path, str]]:
-    """Every directory to look in for dataset `name`, in order, with where it came from (DESIGN.md 4)."""
+    """Every directory to look in for dataset `name`, in order, with where it came from (README, Data)."""
     out: list[tuple[Path, str]] = []
     if data_dir is not None and str(data_dir) != "":
         root = Path(data_dir).expanduser()
