@@ -20,6 +20,7 @@ registry the runtime uses to bind configuration parameters (``defense.*``) to a 
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import numbers
 from collections.abc import Callable
@@ -35,18 +36,29 @@ __all__ = [
     "PRE_AGGREGATORS",
     "BoundAggregator",
     "BoundPreAggregator",
+    "arc",
     "bucketing",
+    "bulyan",
+    "caf",
     "build_aggregator",
     "build_pre_aggregator",
     "centered_clip",
     "centered_clip_batched",
+    "clipped_clustering",
     "coordinate_median",
+    "dnc",
     "fixed_point_residual",
     "geometric_median",
     "krum",
+    "mda",
     "mean",
+    "meamed",
+    "monna",
     "multi_krum",
     "nnm",
+    "sign_guard",
+    "smea",
+    "static_clipping",
     "trimmed_mean",
 ]
 
@@ -634,6 +646,467 @@ def nnm(x: torch.Tensor, f: int) -> torch.Tensor:
     return mix @ x
 
 
+# ---- subset-enumerating rules (MDA, SMEA) -------------------------------------------------------------
+
+# Enumerating C(n, f) subsets is exponential. These budgets bound the work to about a minute on one CPU
+# core (measured by benchmarks/bench_aggregators.py: ~1e8 subset-pair checks/s for MDA, ~1e6 k x k
+# eigenvalue problems/s for SMEA); a larger size is refused with the count in the message.
+MDA_MAX_WORK = 5e9  # C(n, f) * (n - f)^2
+SMEA_MAX_WORK = 5e9  # C(n, f) * (n - f)^3
+EIGEN_MODES = ("exact", "power")
+CAF_TAU_MAX = ("weighted", "all")
+
+
+def _check_subsets(n: int, f: int, rule: str, power: int, budget: float) -> None:
+    count = math.comb(n, f)
+    if count * (n - f) ** power > budget:
+        raise ValueError(
+            f"{rule} enumerates C(n, f) = C({n}, {f}) = {count} subsets, more than a minute of work "
+            f"(limit C(n, f) * (n - f)^{power} <= {budget:.0e}); use fewer rows or a smaller f"
+        )
+
+
+def _check_half(n: int, f: int, rule: str) -> None:
+    if 2 * f >= n:
+        raise ValueError(f"{rule} needs n > 2f (n={n}, f={f})")
+
+
+def _subset_batches(n: int, k: int, device, batch: int = 4096):
+    """The k-subsets of range(n) in itertools.combinations order (ByzFL's, which fixes tie-breaking),
+    as (B, k) index tensors."""
+    it = itertools.combinations(range(n), k)
+    while True:
+        chunk = list(itertools.islice(it, batch))
+        if not chunk:
+            return
+        yield torch.tensor(chunk, dtype=torch.long, device=device)
+
+
+def mda(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Minimum-diameter averaging (El Mhamdi et al. 2020; ByzFL ``MDA``): the mean of the n - f rows
+    whose largest pairwise L2 distance is smallest. Needs n > 2f. Ties go to the first subset in
+    ``itertools.combinations`` order (ByzFL's). Enumerates C(n, f) subsets: sizes over
+    :data:`MDA_MAX_WORK` are refused. Distances in float64 from explicit differences.
+    """
+    _check_x(x, "mda")
+    f = _check_f(f, "mda")
+    n, k = x.shape[0], x.shape[0] - f
+    _check_half(n, f, "mda")
+    _check_subsets(n, f, "mda", 2, MDA_MAX_WORK)
+    dist = _pairwise_sq_dists(x)
+    best, best_subset = math.inf, torch.arange(k)
+    for subsets in _subset_batches(n, k, dist.device):
+        diam = dist[subsets[:, :, None], subsets[:, None, :]].flatten(1).amax(dim=1)
+        i = int(torch.argmin(diam))
+        if float(diam[i]) < best:
+            best, best_subset = float(diam[i]), subsets[i]
+    return x[best_subset.to(x.device)].mean(dim=0)
+
+
+def _gram_top_eigen(rows: torch.Tensor, weights: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Largest eigenvalue and unit eigenvector of ``sum_i w_i r_i r_i^T`` (d x d) through the n x n
+    Gram matrix of ``sqrt(w_i) r_i``: the same nonzero spectrum, O(n^2 d) instead of O(d^2)."""
+    m = rows * weights.sqrt()[:, None]
+    lam, vecs = torch.linalg.eigh(m @ m.T)
+    top = float(lam[-1])
+    if top <= 0.0:
+        return 0.0, torch.zeros(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    v = vecs[:, -1] @ m
+    return top, v / torch.linalg.vector_norm(v)
+
+
+def _power_step(rows: torch.Tensor, weights: torch.Tensor, generator: torch.Generator):
+    """ByzFL's eigen-estimate: one power iteration from a standard-normal start drawn from
+    ``generator`` (on the CPU, float32, as ByzFL's ``torch.randn``); returns (||w||, w / ||w||) for
+    ``w = sum_i weights_i <r_i, v> r_i``."""
+    v = torch.randn(rows.shape[1], generator=generator).to(rows.device, rows.dtype)
+    v = v / torch.linalg.vector_norm(v)
+    w = ((rows @ v) * weights) @ rows
+    norm = torch.linalg.vector_norm(w)
+    return float(norm), w / norm
+
+
+def _check_eigen(eigen: str, generator: Any, rule: str) -> None:
+    _check_choice(eigen, EIGEN_MODES, rule, "eigen")
+    if eigen == "power" and not isinstance(generator, torch.Generator):
+        raise ValueError(f"{rule} with eigen='power' needs a torch.Generator, got {type(generator).__name__}")
+
+
+def smea(x: torch.Tensor, f: int, *, eigen: str = "exact", generator: torch.Generator | None = None):
+    """Smallest maximum eigenvalue averaging (Allouah et al. 2023; ByzFL ``SMEA``): the mean of the
+    n - f rows whose empirical covariance has the smallest largest eigenvalue. Needs n > 2f.
+
+    ``eigen="exact"`` (default): each subset's largest eigenvalue exactly, from the (n - f)^2 centred
+    Gram block of one float64 Gram matrix (centred on the coordinate median for precision), so the
+    rule is deterministic. ``eigen="power"``: ByzFL 0.0.11's estimate, one power iteration per subset
+    from a random start drawn from ``generator`` (with ``torch.manual_seed(s)`` before ByzFL's call and
+    a generator seeded with s the two agree). Ties go to the first subset in combinations order.
+    Sizes over :data:`SMEA_MAX_WORK` are refused.
+    """
+    _check_x(x, "smea")
+    f = _check_f(f, "smea")
+    _check_eigen(eigen, generator, "smea")
+    n, k = x.shape[0], x.shape[0] - f
+    _check_half(n, f, "smea")
+    _check_subsets(n, f, "smea", 3, SMEA_MAX_WORK)
+    if eigen == "power":
+        return _smea_power(x, f, generator)
+    xc = x.to(torch.float64) - _median(x, 0, "average").to(torch.float64)
+    gram = xc @ xc.T
+    centre = torch.eye(k, dtype=gram.dtype, device=gram.device) - 1.0 / k
+    best, best_subset = math.inf, torch.arange(k)
+    for subsets in _subset_batches(n, k, gram.device):
+        block = centre @ gram[subsets[:, :, None], subsets[:, None, :]] @ centre
+        top = torch.linalg.eigvalsh(block)[:, -1]
+        i = int(torch.argmin(top))
+        if float(top[i]) < best:
+            best, best_subset = float(top[i]), subsets[i]
+    return x[best_subset.to(x.device)].mean(dim=0)
+
+
+def _smea_power(x: torch.Tensor, f: int, generator: torch.Generator) -> torch.Tensor:
+    n, k = x.shape[0], x.shape[0] - f
+    ones = torch.ones(k, dtype=x.dtype, device=x.device)
+    best, best_subset = math.inf, tuple(range(k))
+    for subset in itertools.combinations(range(n), k):
+        rows = x[list(subset)]
+        lam, _ = _power_step(rows - rows.mean(dim=0), ones, generator)
+        if lam < best:
+            best, best_subset = lam, subset
+    return x[list(best_subset)].mean(dim=0)
+
+
+# ---- neighbourhood and coordinate rules (MoNNA, Meamed) ------------------------------------------------
+
+
+def monna(x: torch.Tensor, f: int, *, idx: int = 0) -> torch.Tensor:
+    """MoNNA (Farhadkhani et al. 2023; ByzFL ``MoNNA``): the mean of the n - f rows nearest (L2) to row
+    ``idx``, itself included. Needs n > 2f and 0 <= idx < n. The paper's setting is peer-to-peer, each
+    honest peer centring on its own vector; a trusted server has no such row, so ``idx`` (default 0,
+    ByzFL's) names a row it trusts. Ties go to the lower index.
+    """
+    _check_x(x, "monna")
+    f = _check_f(f, "monna")
+    idx = _check_int(idx, "monna", "idx", 0)
+    n = x.shape[0]
+    _check_half(n, f, "monna")
+    if idx >= n:
+        raise ValueError(f"monna needs idx < n (n={n}, idx={idx})")
+    dist = torch.nan_to_num(_row_norms(x - x[idx]), nan=math.inf)
+    dist[idx] = -1.0  # the centre first, even against exact duplicates
+    nearest = torch.sort(dist, stable=True).indices[: n - f]
+    return x[nearest.to(x.device)].mean(dim=0)
+
+
+def meamed(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Mean around median (Xie et al. 2018; ByzFL ``Meamed``): per coordinate, the mean of the n - f
+    values nearest the coordinate median (the average of the two middle values for even n, as ByzFL).
+    Needs n > 2f. Ties in distance go to the lower row index.
+    """
+    _check_x(x, "meamed")
+    f = _check_f(f, "meamed")
+    n = x.shape[0]
+    _check_half(n, f, "meamed")
+    gap = (x - _median(x, 0, "average")).abs()
+    nearest = torch.sort(gap, dim=0, stable=True).indices[: n - f]
+    return torch.gather(x, 0, nearest).mean(dim=0)
+
+
+# ---- covariance filter (CAF) ---------------------------------------------------------------------------
+
+
+def caf(
+    x: torch.Tensor,
+    f: int,
+    *,
+    eigen: str = "exact",
+    generator: torch.Generator | None = None,
+    tau_max_over: str = "weighted",
+):
+    """Covariance-bound agnostic filter (Allouah, Guerraoui, Stephan 2025; ByzFL ``CAF``).
+
+    Weights c_i start at 1. While sum c > n - 2f: mu = weighted mean, (lambda, v) the top eigenpair of
+    the weighted covariance, tau_i = <x_i - mu, v>^2, c_i *= 1 - tau_i / max tau. Returns the mu seen
+    with the smallest lambda. Needs n > 2f.
+
+    ``tau_max_over="weighted"`` (default): max tau over the rows still weighted (c_i > 0), so every
+    round zeroes one more row and the loop ends within n rounds. ``"all"``: over all rows, as ByzFL
+    0.0.11; once a far outlier is at weight 0 its tau keeps max tau huge and the other weights barely
+    move, so the loop can run for thousands of rounds (minutes per call against a sign-flipper).
+    ByzFL's output is reproduced by ``eigen="power", tau_max_over="all"``.
+
+    ``eigen="exact"`` (default): the exact top eigenpair (n x n Gram matrix, float64), deterministic.
+    ``eigen="power"``: ByzFL 0.0.11's one power iteration from a random start drawn from ``generator``
+    each round. When the weighted covariance is zero (every weighted row on mu) the loop stops: that mu
+    has lambda = 0 (ByzFL divides by zero there). Rows holding +-inf are not accepted.
+    """
+    _check_x(x, "caf")
+    f = _check_f(f, "caf")
+    _check_eigen(eigen, generator, "caf")
+    _check_choice(tau_max_over, CAF_TAU_MAX, "caf", "tau_max_over")
+    n = x.shape[0]
+    _check_half(n, f, "caf")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("caf: x must be finite (a covariance of +-inf rows is undefined)")
+    work = x if eigen == "power" else x.to(torch.float64)
+    c = torch.ones(n, dtype=work.dtype, device=x.device)
+    best, best_mu = math.inf, None
+    while float(c.sum()) > n - 2 * f:
+        csum = c.sum()
+        mu = (c @ work) / csum
+        diffs = work - mu
+        if eigen == "power":
+            lam, v = _power_step(diffs, c / csum, generator)
+        else:
+            lam, v = _gram_top_eigen(diffs, c / csum)
+        if best_mu is None or lam < best:
+            best, best_mu = lam, mu
+        tau = (diffs @ v).square()
+        tau_max = tau.max() if tau_max_over == "all" else tau[c > 0].max()
+        if not lam > 0 or not float(tau_max) > 0:
+            break
+        c = (c * (1 - tau / tau_max)).clamp_min(0)
+    return best_mu.to(x.dtype)
+
+
+# ---- Bulyan, DnC, SignGuard, ClippedClustering -----------------------------------------------------------
+
+
+def bulyan(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Bulyan over Krum (El Mhamdi, Guerraoui, Rouault 2018). Needs n >= 4f + 3.
+
+    Selection: theta = n - 2f times, run Krum on the rows not yet selected and move its choice to the
+    selection set. Krum's score over r remaining rows sums the max(r - f - 2, 1) smallest squared
+    distances to other remaining rows (the paper's n - f - 2 with n the current set size; the floor of 1
+    keeps the last rounds defined); ties go to the lower index. Aggregation: per coordinate, the mean of
+    the beta = theta - 2f selected values nearest the coordinate median of the selection (average median
+    for even theta), ties to the lower index.
+    """
+    _check_x(x, "bulyan")
+    f = _check_f(f, "bulyan")
+    n = x.shape[0]
+    if n < 4 * f + 3:
+        raise ValueError(f"bulyan needs n >= 4f + 3 (n={n}, f={f})")
+    dist = _pairwise_sq_dists(x)
+    dist.fill_diagonal_(math.inf)
+    remaining, selected = list(range(n)), []
+    for _ in range(n - 2 * f):
+        sub = dist[remaining][:, remaining]
+        k = max(len(remaining) - f - 2, 1)
+        scores = torch.sort(sub, dim=1).values[:, :k].sum(dim=1) if len(remaining) > 1 else torch.zeros(1)
+        selected.append(remaining.pop(int(torch.argmin(scores))))
+    chosen = x[torch.tensor(selected, device=x.device)]
+    beta = len(selected) - 2 * f
+    gap = (chosen - _median(chosen, 0, "average")).abs()
+    nearest = torch.sort(gap, dim=0, stable=True).indices[:beta]
+    return torch.gather(chosen, 0, nearest).mean(dim=0)
+
+
+def dnc(
+    x: torch.Tensor,
+    f: int,
+    generator: torch.Generator,
+    *,
+    sub_dim: int = 10_000,
+    iters: int = 5,
+    filter_frac: float = 1.0,
+) -> torch.Tensor:
+    """Divide-and-conquer (Shejwalkar & Houmansadr, NDSS 2021, Algorithm 2; Blades ``DnC`` defaults).
+
+    Each of ``iters`` rounds draws ``sub_dim`` coordinates without replacement from ``generator`` (all
+    of them when sub_dim >= d), centres the sub-vectors on their mean, scores each row by its squared
+    projection on the top right singular vector, and keeps the n - floor(filter_frac * f) lowest
+    scores. Returns the mean of the rows kept in every round (the full vectors). Needs
+    n - floor(filter_frac * f) >= 1; if the rounds share no row, the rule falls back to the rows kept in
+    the first round (the paper leaves that case open). Rows holding +-inf are not accepted.
+    """
+    _check_x(x, "dnc")
+    f = _check_f(f, "dnc")
+    sub_dim = _check_int(sub_dim, "dnc", "sub_dim", 1)
+    iters = _check_int(iters, "dnc", "iters", 1)
+    filter_frac = _check_real(filter_frac, "dnc", "filter_frac", positive=False)
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"dnc: generator must be a torch.Generator, got {type(generator).__name__}")
+    n, d = x.shape
+    keep = n - math.floor(filter_frac * f)
+    if keep < 1:
+        raise ValueError(f"dnc needs n - floor(filter_frac * f) >= 1 (n={n}, f={f}, filter_frac={filter_frac})")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("dnc: x must be finite (a singular vector of +-inf rows is undefined)")
+    good, first = None, None
+    for _ in range(iters):
+        cols = torch.randperm(d, generator=generator, device=generator.device)[: min(sub_dim, d)]
+        sub = x[:, cols.to(x.device)].to(torch.float64)
+        centred = sub - sub.mean(dim=0)
+        _, v = _gram_top_eigen(centred, torch.ones(n, dtype=sub.dtype, device=sub.device))
+        scores = (centred @ v).square()
+        kept = set(torch.sort(scores, stable=True).indices[:keep].tolist())
+        first = kept if first is None else first
+        good = kept if good is None else good & kept
+    rows = sorted(good or first)
+    return x[torch.tensor(rows, device=x.device)].mean(dim=0)
+
+
+def _two_means(features: torch.Tensor) -> torch.Tensor:
+    """Boolean membership of the larger of two Lloyd clusters of the rows of ``features`` (float64),
+    started from the two rows farthest apart (lowest indices on ties); ties in size keep row 0's."""
+    n = features.shape[0]
+    dist = torch.cdist(features, features)
+    if n < 2 or float(dist.max()) == 0.0:
+        return torch.ones(n, dtype=torch.bool, device=features.device)
+    i, j = divmod(int(torch.argmax(dist)), n)
+    centres = features[[i, j]]
+    label = None
+    for _ in range(100):
+        new = torch.cdist(features, centres).argmin(dim=1)
+        if label is not None and bool((new == label).all()):
+            break
+        label = new
+        centres = torch.stack([features[label == c].mean(dim=0) for c in (0, 1)])
+    big = 1 if int(label.sum()) * 2 > n or (int(label.sum()) * 2 == n and int(label[0]) == 1) else 0
+    return label == big
+
+
+def sign_guard(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    low: float = 0.1,
+    high: float = 3.0,
+    coord_frac: float = 0.1,
+) -> torch.Tensor:
+    """SignGuard (Xu et al., ICDCS 2022, Algorithm 1).
+
+    1. Norm filter: keep rows with ``low <= ||x_i|| / M <= high``, M the median norm (average median).
+    2. Sign clustering: on ceil(coord_frac * d) coordinates drawn from ``generator``, each row's
+       features are its fractions of positive, zero and negative entries; keep the larger of two
+       clusters. The paper clusters with MeanShift; this variant uses 2-means (Lloyd, started from the
+       two farthest rows), which needs no bandwidth and no extra dependency.
+    3. Return the mean of the rows kept by both, each clipped to norm M. If none is kept by both,
+       the rows kept by the norm filter are used.
+
+    Rows holding +-inf fail the norm filter (their ratio is inf).
+    """
+    _check_x(x, "sign_guard")
+    low = _check_real(low, "sign_guard", "low", positive=False)
+    high = _check_real(high, "sign_guard", "high", positive=True)
+    coord_frac = _check_real(coord_frac, "sign_guard", "coord_frac", positive=True)
+    if low > high or coord_frac > 1:
+        raise ValueError(f"sign_guard needs low <= high and 0 < coord_frac <= 1 (got {low}, {high}, {coord_frac})")
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"sign_guard: generator must be a torch.Generator, got {type(generator).__name__}")
+    n, d = x.shape
+    norms = torch.nan_to_num(_row_norms(x), nan=math.inf)
+    m = float(_median(norms[:, None], 0, "average")[0])
+    ratio = norms / m if m > 0 else torch.where(norms > 0, math.inf, 1.0)
+    by_norm = (ratio >= low) & (ratio <= high)
+    cols = torch.randperm(d, generator=generator, device=generator.device)[: math.ceil(coord_frac * d)]
+    s = torch.sign(x[:, cols.to(x.device)])
+    features = torch.stack([(s > 0).double().mean(1), (s == 0).double().mean(1), (s < 0).double().mean(1)], 1)
+    keep = by_norm & _two_means(features).to(by_norm.device)
+    keep = keep if bool(keep.any()) else by_norm
+    if not bool(keep.any()):
+        raise ValueError("sign_guard: no row passes the norm filter (is every norm zero or non-finite?)")
+    rows = x[keep.to(x.device)]
+    scale = torch.clamp(m / norms[keep], max=1.0).to(x.dtype).to(x.device)
+    return (rows * scale[:, None]).mean(dim=0)
+
+
+def _average_linkage_two(dist: torch.Tensor) -> list[list[int]]:
+    """Agglomerative clustering with average linkage down to two clusters (first pair on ties)."""
+    clusters = [[i] for i in range(dist.shape[0])]
+    while len(clusters) > 2:
+        best, pair = math.inf, (0, 1)
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                link = float(dist[clusters[a]][:, clusters[b]].mean())
+                if link < best:
+                    best, pair = link, (a, b)
+        a, b = pair
+        clusters[a] = sorted(clusters[a] + clusters.pop(b))
+    return clusters
+
+
+def clipped_clustering(
+    x: torch.Tensor, *, max_tau: float = 1e5, history: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ClippedClustering (Li et al. 2023, Blades ``Clippedclustering``, average linkage).
+
+    Clip every row to tau = min(median of the norms, max_tau), cluster the clipped rows into two by
+    agglomerative average linkage on cosine distance (1 - cosine similarity; a zero row has similarity 0
+    to all), and return the mean of the larger cluster (the one holding row 0 on a tie). Blades takes the
+    median over every norm seen since the start of training; pass those past norms as ``history`` (a
+    1-D tensor, not modified) for that variant. The registered defense uses this step's norms only, so
+    the rule is stateless and a resumed run gives the same result. Rows holding +-inf are not accepted.
+    """
+    _check_x(x, "clipped_clustering")
+    max_tau = _check_real(max_tau, "clipped_clustering", "max_tau", positive=True, allow_inf=True)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("clipped_clustering: x must be finite (a clipped direction of +-inf is undefined)")
+    n = x.shape[0]
+    norms = _row_norms(x)
+    seen = norms if history is None else torch.cat([history.to(norms), norms])
+    tau = min(float(_median(seen[:, None], 0, "average")[0]), max_tau)
+    scale = torch.where(norms > tau, tau / norms.clamp_min(1e-300), torch.ones_like(norms))
+    clipped = x * scale.to(x.dtype)[:, None]
+    if n < 3:
+        return clipped.mean(dim=0)
+    unit = clipped.to(torch.float64) / norms.mul(scale).clamp_min(1e-300)[:, None]
+    dist = 1.0 - unit @ unit.T
+    dist.fill_diagonal_(0.0)
+    a, b = _average_linkage_two(dist)
+    big = a if len(a) > len(b) or (len(a) == len(b) and 0 in a) else b
+    return clipped[torch.tensor(big, device=x.device)].mean(dim=0)
+
+
+# ---- clipping pre-aggregators (ARC, static clipping) -----------------------------------------------------
+
+
+def _clip_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Scale every row with norm > threshold down to norm ``threshold``; a new tensor. A row holding
+    +-inf is replaced by its limit direction (the signs of its infinite entries, normalised) at norm
+    ``threshold``."""
+    norms = _row_norms(x)
+    out = x.clone()
+    over = norms > threshold
+    if not bool(over.any()):
+        return out
+    finite = torch.isfinite(norms)
+    scale = (threshold / norms[over & finite]).to(x.dtype)
+    out[over & finite] = x[over & finite] * scale[:, None]
+    inf_rows = over & ~finite
+    if bool(inf_rows.any()):
+        s = torch.where(torch.isinf(x[inf_rows]), torch.sign(x[inf_rows]), torch.zeros((), dtype=x.dtype))
+        out[inf_rows] = s / torch.linalg.vector_norm(s, dim=1, keepdim=True) * threshold
+    return out
+
+
+def static_clipping(x: torch.Tensor, c: float) -> torch.Tensor:
+    """Static clipping (ByzFL ``Clipping(c)``): rows with L2 norm > c are scaled to norm c. c >= 0."""
+    _check_x(x, "clipping")
+    c = _check_real(c, "clipping", "c", positive=False)
+    return _clip_rows(x, c)
+
+
+def arc(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Adaptive robust clipping (Allouah et al. 2024; ByzFL ``ARC``): with k = floor(2f(n - f)/n), the
+    k largest-norm rows are clipped to the (k + 1)-th largest norm (ByzFL 0.0.11's threshold: the
+    largest norm among the rows left unclipped). k = 0 leaves x unchanged. Needs f < n; +-inf rows are
+    clipped along their limit direction (see :func:`_clip_rows`).
+    """
+    _check_x(x, "arc")
+    f = _check_f(f, "arc")
+    n = x.shape[0]
+    if f >= n:
+        raise ValueError(f"arc needs f < n (n={n}, f={f})")
+    k = (2 * f * (n - f)) // n
+    if k == 0:
+        return x.clone()
+    norms = torch.nan_to_num(_row_norms(x), nan=math.inf)
+    threshold = float(torch.sort(norms).values[n - k - 1])
+    return _clip_rows(x, threshold)
+
+
 # ---- registry ---------------------------------------------------------------------------------------
 
 AGGREGATORS: dict[str, Callable[..., Any]] = {
@@ -644,11 +1117,25 @@ AGGREGATORS: dict[str, Callable[..., Any]] = {
     "multi_krum": multi_krum,
     "geometric_median": geometric_median,
     "cclip_ps": centered_clip,
+    "mda": mda,
+    "monna": monna,
+    "meamed": meamed,
+    "caf": caf,
+    "smea": smea,
+    "bulyan": bulyan,
+    "dnc": dnc,
+    "sign_guard": sign_guard,
+    "clipped_clustering": clipped_clustering,
 }
 
-PRE_AGGREGATORS: dict[str, Callable[..., Any]] = {"bucketing": bucketing, "nnm": nnm}
+PRE_AGGREGATORS: dict[str, Callable[..., Any]] = {
+    "bucketing": bucketing,
+    "nnm": nnm,
+    "arc": arc,
+    "clipping": static_clipping,
+}
 
-# Accepted ``defense.params`` per rule: key -> (kind, default). Kinds: "int" (>= 1), "real>=0",
+# Accepted ``defense.params`` per rule: key -> (kind, default). Kinds: "int" (>= 1), "int>=0", "real>=0",
 # "bool", or a tuple of accepted strings. None as default = not set.
 _PARAMS: dict[str, dict[str, tuple[Any, Any]]] = {
     "mean": {},
@@ -664,8 +1151,22 @@ _PARAMS: dict[str, dict[str, tuple[Any, Any]]] = {
         "max_iters": ("int", 1000),
         "median": (MEDIAN_MODES, "lower"),
     },
+    "mda": {},
+    "monna": {"idx": ("int>=0", 0)},
+    "meamed": {},
+    "caf": {"eigen": (EIGEN_MODES, "exact"), "tau_max_over": (CAF_TAU_MAX, "weighted")},
+    "smea": {"eigen": (EIGEN_MODES, "exact")},
+    "bulyan": {},
+    "dnc": {"sub_dim": ("int", 10_000), "iters": ("int", 5), "filter_frac": ("real>=0", 1.0)},
+    "sign_guard": {"low": ("real>=0", 0.1), "high": ("real>0", 3.0), "coord_frac": ("real>0", 0.1)},
+    "clipped_clustering": {"max_tau": ("real>0", 1e5)},
 }
-_PRE_PARAMS: dict[str, dict[str, tuple[Any, Any]]] = {"bucketing": {"bucket_size": ("int", 2)}, "nnm": {}}
+_PRE_PARAMS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "bucketing": {"bucket_size": ("int", 2)},
+    "nnm": {},
+    "arc": {},
+    "clipping": {"c": ("real>=0", 2.0)},
+}
 
 
 def _unknown(value: Any, choices, field: str) -> ConfigError:
@@ -699,9 +1200,10 @@ def _bind_params(
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(field, f"unknown parameter for {name!r}{extra}; accepted: {accepted}")
         kind = spec[key][0]
-        if kind == "int":
-            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-            msg = f"must be an int >= 1, got {value!r}"
+        if kind in ("int", "int>=0"):
+            low = 1 if kind == "int" else 0
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+            msg = f"must be an int >= {low}, got {value!r}"
         elif kind == "bool":
             ok, msg = isinstance(value, bool), f"must be true or false, got {value!r}"
         elif kind in ("real>0", "real>=0"):
@@ -714,6 +1216,9 @@ def _bind_params(
             raise ConfigError(field, msg)
         out[key] = value
     return {key: out.get(key, default) for key, (_, default) in spec.items()}
+
+
+_NEW_RULES = ("mda", "monna", "meamed", "caf", "smea", "bulyan", "dnc", "sign_guard", "clipped_clustering")
 
 
 class BoundAggregator:
@@ -763,7 +1268,64 @@ class BoundAggregator:
         return f"BoundAggregator({self.name!r}, n={self.n})"
 
 
-def build_aggregator(name: str, *, f: int, tau: float, params: dict | None, n: int) -> BoundAggregator:
+def _need(ok: bool, field: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(field, msg)
+
+
+def _check_new_rule(name: str, n: int, f: int, p: dict) -> None:
+    """The preconditions of the rules bound by :func:`_bind_new_rule`, as config errors."""
+    if name in ("mda", "monna", "meamed", "caf", "smea"):
+        _need(n > 2 * f, "defense.f", f"{name} needs n > 2f (n={n}, f={f})")
+    if name in ("mda", "smea"):
+        try:
+            _check_subsets(n, f, name, 2 if name == "mda" else 3, MDA_MAX_WORK if name == "mda" else SMEA_MAX_WORK)
+        except ValueError as err:
+            raise ConfigError("defense.f", str(err)) from None
+    if name == "monna":
+        _need(p["idx"] < n, "defense.params.idx", f"monna needs idx < n (n={n}, idx={p['idx']})")
+    if name == "bulyan":
+        _need(n >= 4 * f + 3, "defense.f", f"bulyan needs n >= 4f + 3 (n={n}, f={f})")
+    if name == "dnc":
+        keep = n - math.floor(p["filter_frac"] * f)
+        _need(keep >= 1, "defense.params.filter_frac", f"dnc needs n - floor(filter_frac * f) >= 1, got {keep}")
+    if name == "sign_guard":
+        _need(p["low"] <= p["high"], "defense.params.low", f"must be <= high ({p['high']}), got {p['low']}")
+        _need(p["coord_frac"] <= 1, "defense.params.coord_frac", f"must be in (0, 1], got {p['coord_frac']}")
+
+
+def _bind_new_rule(name: str, f: int, p: dict, generator: torch.Generator | None) -> Callable | None:
+    """The rule ``name`` with its parameters bound, for the rules whose binding is a plain closure."""
+    needs_generator = name in ("dnc", "sign_guard") or p.get("eigen") == "power"
+    if needs_generator and not isinstance(generator, torch.Generator):
+        raise ValueError(f"{name} needs an explicit torch.Generator, got {type(generator).__name__}")
+    rules: dict[str, Callable] = {
+        "mda": lambda x: mda(x, f),
+        "monna": lambda x: monna(x, f, idx=p["idx"]),
+        "meamed": lambda x: meamed(x, f),
+        "caf": lambda x: caf(x, f, eigen=p["eigen"], generator=generator, tau_max_over=p["tau_max_over"]),
+        "smea": lambda x: smea(x, f, eigen=p["eigen"], generator=generator),
+        "bulyan": lambda x: bulyan(x, f),
+        "dnc": lambda x: dnc(
+            x, f, generator, sub_dim=p["sub_dim"], iters=p["iters"], filter_frac=p["filter_frac"]
+        ),
+        "sign_guard": lambda x: sign_guard(
+            x, generator, low=p["low"], high=p["high"], coord_frac=p["coord_frac"]
+        ),
+        "clipped_clustering": lambda x: clipped_clustering(x, max_tau=p["max_tau"]),
+    }
+    return rules.get(name)
+
+
+def build_aggregator(
+    name: str,
+    *,
+    f: int,
+    tau: float,
+    params: dict | None,
+    n: int,
+    generator: torch.Generator | None = None,
+) -> BoundAggregator:
     """Bind ``defense.*`` settings to a rule from :data:`AGGREGATORS` for inputs of ``n`` rows.
 
     Checks every precondition against ``n`` now and raises ``ConfigError`` (a ``ValueError``) naming
@@ -775,6 +1337,9 @@ def build_aggregator(name: str, *, f: int, tau: float, params: dict | None, n: i
     ``iters`` (run exactly that many iterations, no convergence test, as ByzFL/ALBERT; excludes ``tol``
     and ``max_iters``) and ``momentum`` (start from the previous output; makes the callable stateful).
     The same mapping may carry the pre-aggregators' keys (skipped here); any other key is an error.
+    monna ``idx``; caf ``eigen``, ``tau_max_over``; smea ``eigen``; dnc ``sub_dim``, ``iters``, ``filter_frac``; sign_guard
+    ``low``, ``high``, ``coord_frac``; clipped_clustering ``max_tau``. ``generator`` (public, seeded
+    from the run seed) feeds the randomised rules: dnc, sign_guard, and caf / smea with eigen='power'.
     """
     if name not in AGGREGATORS:
         raise _unknown(name, AGGREGATORS, "defense.name")
@@ -785,10 +1350,10 @@ def build_aggregator(name: str, *, f: int, tau: float, params: dict | None, n: i
     # The pre-aggregators' keys may share the mapping; another rule's keys are a mistake (one rule per defense).
     p = _bind_params(name, params, _PARAMS[name], "defense.params", _keys(_PRE_PARAMS))
 
-    def need(ok: bool, field: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(field, msg)
-
+    need = _need
+    if name in _NEW_RULES:
+        _check_new_rule(name, n, f, p)
+        return BoundAggregator(name, n, _bind_new_rule(name, f, p, generator), with_stats=False)
     if name == "mean":
         return BoundAggregator(name, n, mean, with_stats=False)
     if name == "median":
@@ -867,8 +1432,8 @@ def build_pre_aggregator(
     """Bind a pre-aggregator from :data:`PRE_AGGREGATORS`.
 
     ``bucketing`` takes ``bucket_size`` (default 2) and needs the explicit ``generator`` (its state
-    advances on every call, so runs are reproducible from the generator's seed); ``nnm`` uses ``f`` and,
-    when ``n`` is given, checks f < n now. Errors name ``defense.pre``, ``defense.f`` or
+    advances on every call, so runs are reproducible from the generator's seed); ``nnm`` and ``arc`` use
+    ``f`` and, when ``n`` is given, check f < n now; ``clipping`` takes ``c`` (default 2.0, ByzFL's). Errors name ``defense.pre``, ``defense.f`` or
     ``defense.params.<key>``. Keys of the other registered rules are skipped (one ``defense.params``
     mapping feeds the whole pipeline); a key no rule knows is an error.
     """
@@ -882,6 +1447,9 @@ def build_pre_aggregator(
             raise ValueError(f"bucketing needs an explicit torch.Generator, got {type(generator).__name__}")
         s = p["bucket_size"]
         return BoundPreAggregator(name, lambda x: bucketing(x, s, generator), lambda rows: -(-rows // s))
+    if name == "clipping":
+        return BoundPreAggregator(name, lambda x: static_clipping(x, p["c"]), lambda rows: rows)
     if n is not None and f >= n:
-        raise ConfigError("defense.f", f"nnm needs f < n (n={n}, f={f})")
-    return BoundPreAggregator(name, lambda x: nnm(x, f), lambda rows: rows)
+        raise ConfigError("defense.f", f"{name} needs f < n (n={n}, f={f})")
+    rule = nnm if name == "nnm" else arc
+    return BoundPreAggregator(name, lambda x: rule(x, f), lambda rows: rows)

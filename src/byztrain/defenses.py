@@ -57,7 +57,7 @@ class AggregatorDefense(Defense):
             params.setdefault("tol", d.cclip_tol)
             params.setdefault("max_iters", d.cclip_max_iters)
         self.aggregate: Callable = aggregators.build_aggregator(
-            d.name, f=self.f, tau=d.tau, params=params, n=self._n_after_pre(config.peers)
+            d.name, f=self.f, tau=d.tau, params=params, n=self._n_after_pre(config.peers), generator=self._generator
         )
         self.name = d.name
 
