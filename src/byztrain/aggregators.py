@@ -649,10 +649,10 @@ def nnm(x: torch.Tensor, f: int) -> torch.Tensor:
 # ---- subset-enumerating rules (MDA, SMEA) -------------------------------------------------------------
 
 # Enumerating C(n, f) subsets is exponential. These budgets bound the work to about a minute on one CPU
-# core (measured by benchmarks/bench_aggregators.py: ~1e8 subset-pair checks/s for MDA, ~1e6 k x k
-# eigenvalue problems/s for SMEA); a larger size is refused with the count in the message.
-MDA_MAX_WORK = 5e9  # C(n, f) * (n - f)^2
-SMEA_MAX_WORK = 5e9  # C(n, f) * (n - f)^3
+# thread (measured: MDA ~3e7 units of C(n, f) * (n - f)^2 per second at n = 20-22, SMEA ~7e7 units of
+# C(n, f) * (n - f)^3 at n = 16-18); a larger size is refused with the count in the message.
+MDA_MAX_WORK = 2e9  # C(n, f) * (n - f)^2
+SMEA_MAX_WORK = 4e9  # C(n, f) * (n - f)^3
 EIGEN_MODES = ("exact", "power")
 CAF_TAU_MAX = ("weighted", "all")
 
