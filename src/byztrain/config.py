@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
 MODELS = ("cnn", "resnet18")
-SPLITS = ("iid", "dirichlet")
+SPLITS = ("iid", "dirichlet", "gamma_similarity", "extreme")
 SCHEDULES = ("constant", "cosine")
 RUNTIMES = ("simulated", "distributed")
 
@@ -41,6 +41,8 @@ class TaskConfig:
     model: str = "cnn"
     split: str = "iid"
     alpha: float = 0.5
+    # gamma_similarity split: the share of samples dealt iid (the rest sorted by label), in [0, 1].
+    gamma: float = 0.5
     # Random crop + flip driven by the peer's public seed (CIFAR-10 only; docs/cifar.md).
     augment: bool = False
 
@@ -181,6 +183,7 @@ class Config:
         _choice(self.task.model, MODELS, "task.model")
         _choice(self.task.split, SPLITS, "task.split")
         _check(self.task.alpha > 0, "task.alpha", f"must be > 0, got {self.task.alpha}")
+        _check(0 <= self.task.gamma <= 1, "task.gamma", f"must be in [0, 1], got {self.task.gamma}")
 
         _check(self.attack.start >= 0, "attack.start", f"must be >= 0, got {self.attack.start}")
         _check(

@@ -41,7 +41,8 @@ class Workload:
         if self.augment and self.dataset.augmentation is None:
             raise ConfigError("task.augment", f"dataset {config.task.dataset!r} has no augmentation (cifar10 has)")
         self.shards = partition(
-            self.dataset.train_y, config.peers, config.task.split, config.task.alpha, config.seed
+            self.dataset.train_y, config.peers, config.task.split, config.task.alpha, config.seed,
+            gamma=config.task.gamma,
         )
         self.model = build_model(config.task.model, self.dataset, config.seed).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

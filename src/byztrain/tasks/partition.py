@@ -1,6 +1,7 @@
-"""Split a training set into disjoint per-peer shards: iid, or label-skewed with a Dirichlet prior.
+"""Split a training set into disjoint per-peer shards: iid, label-skewed with a Dirichlet prior, ByzFL's
+gamma-similarity, or extreme (sorted by label).
 
-Both splits are deterministic functions of ``(labels, peers, split, alpha, seed)``: all randomness comes
+Every split is a deterministic function of ``(labels, peers, split, alpha, gamma, seed)``: all randomness comes
 from ``numpy.random.default_rng(seed)``. Shards are returned sorted (a shard is a set; each peer's sampler,
 driven by its public seed, decides the order).
 """
@@ -12,7 +13,7 @@ import torch
 
 __all__ = ["SPLITS", "default_min_size", "partition"]
 
-SPLITS = ("iid", "dirichlet")
+SPLITS = ("iid", "dirichlet", "gamma_similarity", "extreme")
 
 
 def default_min_size(num_samples: int, peers: int) -> int:
@@ -28,6 +29,7 @@ def partition(
     alpha: float,
     seed: int,
     *,
+    gamma: float = 0.5,
     min_size: int | None = None,
 ) -> list[torch.Tensor]:
     """Disjoint int64 index shards, one per peer, that together cover ``range(len(labels))``.
@@ -41,6 +43,14 @@ def partition(
       shard. This rebalancing is bounded and deterministic (unlike the common "resample until every shard is
       big enough" loop, which can run forever for tiny alpha) and moves only a few samples, so the skew
       is preserved.
+    - ``"extreme"``: the samples sorted by (label, index) and cut into ``peers`` contiguous near-equal
+      shards, so each peer sees one or two labels (ByzFL's ``extreme_niid``); no randomness.
+    - ``"gamma_similarity"``: a share ``gamma`` of the samples (floor(gamma * n), drawn at random) is
+      dealt iid, the rest as ``"extreme"``; each peer gets one iid part and one extreme part. gamma = 1
+      is iid, gamma = 0 extreme. ByzFL's ``gamma_similarity_niid`` takes the first floor(gamma * n)
+      samples in data-set order as its iid share; here that share is a random draw from the seed.
+
+    ByzFL splits among honest clients only; here every peer, Byzantine ones included, gets a shard.
     """
     y = np.asarray(torch.as_tensor(labels).detach().cpu().numpy()).reshape(-1)
     n = int(y.shape[0])
@@ -62,9 +72,26 @@ def partition(
                 f"{peers} peers, got {min_size}"
             )
         shards = _dirichlet(y, peers, float(alpha), min_size, rng)
+    elif split == "extreme":
+        shards = _extreme(y, np.arange(n), peers)
+    elif split == "gamma_similarity":
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"partition: gamma_similarity gamma must be in [0, 1], got {gamma}")
+        perm = rng.permutation(n)
+        share = int(gamma * n)
+        iid = np.array_split(perm[:share], peers)
+        rest = _extreme(y, perm[share:], peers)
+        shards = [np.concatenate([a, b]) for a, b in zip(iid, rest, strict=True)]
     else:
         raise ValueError(f"partition: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     return [torch.from_numpy(np.sort(s).astype(np.int64)) for s in shards]
+
+
+def _extreme(y: np.ndarray, idx: np.ndarray, peers: int) -> list[np.ndarray]:
+    """``idx`` sorted by (label, index), cut into ``peers`` contiguous near-equal shards."""
+    idx = np.sort(idx)
+    order = np.argsort(y[idx], kind="stable")
+    return np.array_split(idx[order], peers)
 
 
 def _dirichlet(
