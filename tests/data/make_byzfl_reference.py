@@ -14,7 +14,8 @@ training package (the only user of torchvision) is replaced by an empty module b
 Inputs are float32-representable (so the float32 torch path and the float64 numpy path see the same
 numbers): n - f honest rows around a common vector, then f outliers (a scaled flip of the common
 vector, a far random row, or duplicates). Deterministic rules are called on float64 numpy arrays;
-CAF and SMEA draw their power-iteration start from the global torch RNG, so they are called on float32
+The optimal attacks are called on the n - f honest rows, with Meamed over ARC (defaults) and with
+trimmed mean over static clipping (non-default search parameters). CAF and SMEA draw their power-iteration start from the global torch RNG, so they are called on float32
 torch tensors right after ``torch.manual_seed(seed)``, and the seed is stored with the case.
 """
 
@@ -68,6 +69,15 @@ def main() -> None:
             "arc": byzfl.ARC(f)(x.copy()).tolist(),
             "clipping_2": byzfl.Clipping(2.0)(x.copy()).tolist(),
         }
+        honest = x[: n - f].copy()  # the optimal attacks see the honest rows and add f copies of their vector
+        for attack in ("ALittleIsEnough", "InnerProductManipulation"):
+            key = "optimal_alie" if attack == "ALittleIsEnough" else "optimal_ipm"
+            cls = getattr(byzfl, "Optimal_" + attack)
+            out[key + "_meamed_arc"] = cls(agg=byzfl.Meamed(f), pre_agg_list=[byzfl.ARC(f)], f=f)(honest).tolist()
+            out[key + "_trmean_clip"] = cls(
+                agg=byzfl.TrMean(f), pre_agg_list=[byzfl.Clipping(2.0)], f=f, evals=15, start=0.5, delta=-3.0,
+                ratio=0.7,
+            )(honest).tolist()
         xt = torch.tensor(x, dtype=torch.float32)
         torch.manual_seed(seed)
         out["caf_power"] = byzfl.CAF(f)(xt.clone()).tolist()
