@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_aggregators.py --n 16 --d 1000000 --repeats 3
 
+Every registered rule and pre-aggregator is timed (bulyan needs n >= 4f + 3).
+
 Input: n - f honest rows g + N(0, 1) sharing one random g, plus f sign-flip rows -10 g. CenteredClip uses
 tau = tau_scale * sqrt(d) on whole vectors (about the honest rows' distance to their mean) and the same
 total radius split over n partitions, tau / sqrt(n), for the BTARD layout (n partitions of d / n). Each
@@ -50,6 +52,7 @@ def main() -> None:
     tau = args.tau_scale * math.sqrt(d)
     tau_part = tau / math.sqrt(n)
     bucket_gen = torch.Generator().manual_seed(args.seed)
+    rule_gen = torch.Generator().manual_seed(args.seed + 1)  # dnc's and sign_guard's coordinate draws
 
     stats: dict[str, str] = {}
 
@@ -78,6 +81,17 @@ def main() -> None:
         (f"cclip_batched {n}x{n}x{parts.shape[2]}", cclip_parts),
         ("bucketing s=2 (pre)", lambda: A.bucketing(x, 2, bucket_gen)),
         (f"nnm f={f} (pre)", lambda: A.nnm(x, f)),
+        (f"mda f={f}", lambda: A.mda(x, f)),
+        (f"monna f={f}", lambda: A.monna(x, f)),
+        (f"meamed f={f}", lambda: A.meamed(x, f)),
+        (f"caf f={f}", lambda: A.caf(x, f)),
+        (f"smea f={f}", lambda: A.smea(x, f)),
+        (f"bulyan f={f}", lambda: A.bulyan(x, f)),
+        (f"dnc f={f}", lambda: A.dnc(x, f, rule_gen)),
+        ("sign_guard", lambda: A.sign_guard(x, rule_gen)),
+        ("clipped_clustering", lambda: A.clipped_clustering(x)),
+        (f"arc f={f} (pre)", lambda: A.arc(x, f)),
+        ("clipping c=1 (pre)", lambda: A.static_clipping(x, 1.0)),
     ]
     print(
         f"n={n} d={d} f={f} float32 CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
