@@ -274,6 +274,8 @@ class RewritingCollective(LocalCollective):
         (2, [(torch.tensor(1), "x", 1)]),
         (2, [(True, "x", 1)]),
         (2, [(1, "x")]),
+        (2, [(1, "x", [1])]),
+        (2, [(1, "x", 1.0)]),
     ],
 )
 def test_wire_fields_of_the_wrong_type_ban_the_sender(synthetic, nth, forged):

@@ -618,7 +618,7 @@ class BtardDefense(Defense):
                 if rnd.is_banned(p):
                     break
                 if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and is_peer_id(entry[0])
-                        and entry[2] in records):
+                        and is_peer_id(entry[2]) and entry[2] in records):
                     rnd.ban(p, "malformed accusation")
                     break
                 accused, why, step = entry
