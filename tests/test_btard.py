@@ -4,6 +4,7 @@ runs on Fashion-MNIST (marked slow)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -41,6 +42,11 @@ def synthetic(monkeypatch):
     return ds
 
 
+def fixed_key(seed: int) -> bytes:
+    """A fixed MPRNG master key per seed: these tests replay exactly (a run's key is private and random)."""
+    return hashlib.sha256(b"byztrain tests %d" % seed).digest()
+
+
 def make_trainer(peers=8, validators=1, seed=0, byzantine=(), attack=None, tau=1.0, params=None, **cfg):
     """A Trainer with hand-made attackers: `attack` is an Attack subclass given to every peer in `byzantine`
     (or a dict peer -> instance factory). Events are collected in `trainer.events`."""
@@ -55,7 +61,7 @@ def make_trainer(peers=8, validators=1, seed=0, byzantine=(), attack=None, tau=1
     for key, value in cfg.items():
         data[key] = value
     config = Config.from_dict(data)
-    tr = Trainer(config, progress=False)
+    tr = Trainer(config, progress=False, secret_key=fixed_key(seed))
     if byzantine:
         # Attack hooks run only when the config's attack window is on: use a registered no-op name for it.
         tr.config = config.with_overrides({"byzantine": len(byzantine), "attack.name": "silent"})
@@ -422,7 +428,7 @@ def _fmnist_trainer(seed, **over):
         "log": {"tensorboard": False},
     }
     data.update(over)
-    return Trainer(Config.from_dict(data), progress=False)
+    return Trainer(Config.from_dict(data), progress=False, secret_key=fixed_key(seed))
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from byztrain import Config
 from byztrain.comm.torch_dist import MessageError, decode, encode
 from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime.distributed import FAULT_ENV, DistributedRunError
+from byztrain.runtime.keyfile import key_path
 from byztrain.runtime.outputs import WALL_CLOCK_FIELDS
 from byztrain.runtime.trainer import Trainer, choose_byzantine
 
@@ -190,11 +191,14 @@ def test_parity_simulated_vs_distributed(data_dir, tmp_path, defense, attack):
     each (with several threads, CPU reductions may split differently, so threads=1 is part of the
     contract); messages carry the exact float32 bytes; every aggregation sees its inputs in the same peer
     order (the mean over the stacked rows, BTARD's CenteredClip on the same (n, k) partition block); so
-    every process applies the very update the simulator applies, step after step. No tolerance needed.
+    every process applies the very update the simulator applies, step after step; BTARD's shared randomness
+    agrees because both run folders hold the same MPRNG key file. No tolerance needed.
     """
     sim = _config(data_dir, tmp_path / "sim", defense={"name": defense}, attack=attack)
     dis = _config(data_dir, tmp_path / "dis", kind="distributed", defense={"name": defense}, attack=attack)
     s_sim = byztrain.run(sim, quiet=True)
+    (tmp_path / "dis").mkdir()
+    shutil.copy(key_path(tmp_path / "sim"), key_path(tmp_path / "dis"))
     s_dis = byztrain.run(dis, quiet=True)
     a, b = _final_state(tmp_path / "sim"), _final_state(tmp_path / "dis")
     assert a["step"] == b["step"] == 30

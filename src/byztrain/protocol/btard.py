@@ -44,7 +44,7 @@ from byztrain.protocol.bans import (
     rows_finite,
 )
 from byztrain.protocol.commitments import DigestCache, is_commitment_list
-from byztrain.protocol.mprng import run_mprng, simulated_secret
+from byztrain.protocol.mprng import run_mprng
 from byztrain.protocol.partition import Layout, layout_for
 from byztrain.protocol.validators import choose_validators
 from byztrain.protocol.verification import (
@@ -350,12 +350,11 @@ class BtardDefense(Defense):
             attack = rnd.attack(peer)
             return secret if attack is None else attack.on_mprng_reveal(secret, rnd.context(peer))
 
-        seed = self.config.seed
         res = run_mprng(
             comm,
             step,
             self._participants(rnd),
-            secret=lambda peer, rd: simulated_secret(seed, step, peer, rd, salt=attempt),
+            secret=lambda peer, rd: rnd.mprng_secret(peer, rd, attempt),
             reveal=reveal,
             on_ban=lambda peer, why: rnd.ban(peer, why),
         )
