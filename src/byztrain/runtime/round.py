@@ -74,6 +74,7 @@ class Round:
             active=tuple(self.active),
             num_classes=self.workload.num_classes,
             shared_generator=gen,
+            shared_random=self.shared_random,
         )
 
     # ---- gradients --------------------------------------------------------------------------
