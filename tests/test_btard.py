@@ -16,6 +16,7 @@ from byztrain.attacks import Attack
 from byztrain.protocol.btard import BtardDefense
 from byztrain.protocol.partition import layout_for
 from byztrain.protocol.validators import choose_validators
+from byztrain.runtime.keyfile import key_path
 from byztrain.runtime.round import Round
 from byztrain.runtime.trainer import Trainer
 from byztrain.tasks import Dataset
@@ -345,6 +346,7 @@ def test_run_folder_gets_protocol_stats_and_events(synthetic, tmp_path):
 
     import byztrain
 
+    key_path(tmp_path).write_text(fixed_key(0).hex() + "\n")  # the run replays exactly
     cfg = {
         "peers": 6,
         "byzantine": 2,
