@@ -1,20 +1,23 @@
 """Distributed runtime: message codec, checkpoint/resume, simulated-vs-distributed parity, fault behaviour.
 
-Process launches are slow on a shared 2-core machine (each process imports torch), so there are four of
-them in this file: two parity runs and the two halves of the fault test. Data: a small synthetic task in
+Process launches are slow on a shared 2-core machine (each process imports torch), so there are few of
+them in this file: the parity runs, the two halves of the fault test and two short runs for the MPRNG keys. Data: a small synthetic task in
 the canonical IDX format (1200 training images), written to a temporary folder.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import multiprocessing as mp
 import os
 import pickle
 import shutil
 import signal
+import socket
 import struct
+import sys
 import threading
 import time
 
@@ -25,10 +28,12 @@ import torch
 import byztrain
 from byztrain import Config
 from byztrain.comm.torch_dist import MessageError, decode, encode
+from byztrain.protocol.mprng import peer_key, secret_from_key
 from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime.distributed import FAULT_ENV, DistributedRunError
-from byztrain.runtime.keyfile import key_path
+from byztrain.runtime.keyfile import key_path, read_key
 from byztrain.runtime.outputs import WALL_CLOCK_FIELDS
+from byztrain.runtime.round import Round
 from byztrain.runtime.trainer import Trainer, choose_byzantine
 
 
@@ -282,3 +287,83 @@ def test_fault_kill_honest_and_byzantine_then_writer_and_resume(data_dir, tmp_pa
     sim = cfg.with_overrides([f"log.out={replay}", "runtime.kind=simulated"])
     byztrain.run(sim, quiet=True, resume=True)
     assert torch.equal(_final_state(replay)["params"], _final_state(out)["params"])
+
+
+# ---- MPRNG keys in the distributed runtime ---------------------------------------------------------------
+
+
+def _key_run(data_dir, out, kind="simulated") -> Config:
+    """4 peers, BTARD, 8 steps: the shared randomness seeds the minibatches, so a key shows in the params."""
+    return _config(data_dir, out, kind=kind, steps=8, defense={"name": "btard"}, attack={"name": "sign_flip", "start": 3})
+
+
+@pytest.mark.slow
+def test_local_launch_ranks_key_their_secrets_with_the_run_folder_key(data_dir, tmp_path):
+    """The launcher reuses the folder's key file and every rank keys its secrets with it: the run matches
+    the simulator given the same file, bit for bit, and not the simulator given another key."""
+    key = hashlib.sha256(b"the run folder's key").digest()
+    for name, k in (("sim", key), ("dis", key), ("other", hashlib.sha256(b"another key").digest())):
+        (tmp_path / name).mkdir()
+        key_path(tmp_path / name).write_text(k.hex() + "\n")
+    byztrain.run(_key_run(data_dir, tmp_path / "sim"), quiet=True)
+    byztrain.run(_key_run(data_dir, tmp_path / "dis", kind="distributed"), quiet=True)
+    byztrain.run(_key_run(data_dir, tmp_path / "other"), quiet=True)
+    assert read_key(tmp_path / "dis") == key
+    sim, dis, other = (_final_state(tmp_path / n) for n in ("sim", "dis", "other"))
+    assert sim["step"] == dis["step"] == 8
+    assert torch.equal(sim["params"], dis["params"]) and sim["shared_random"] == dis["shared_random"]
+    assert not torch.equal(sim["params"], other["params"]) and sim["shared_random"] != other["shared_random"]
+
+
+def _rank_urandom(rank: int) -> bytes:
+    """What os.urandom(32) returns in rank `rank`'s process in the torchrun test (recognisable per rank)."""
+    return hashlib.sha256(b"urandom of rank %d" % rank).digest()
+
+
+def _torchrun_rank(rank: int, world: int, port: int, config: Config) -> None:
+    """A rank started as torchrun starts it (env://); os.urandom(32) is replaced by `_rank_urandom`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    real = os.urandom
+    os.urandom = lambda n: _rank_urandom(rank) if n == 32 else real(n)
+    code = 0
+    try:
+        byztrain.run(config, quiet=True)
+    except BaseException:  # noqa: BLE001 - report and exit non-zero
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_without_a_key_file_draw_their_own_keys_from_urandom(data_dir, tmp_path, monkeypatch):
+    """Under torchrun with no key file, rank r keys its secrets with its own os.urandom draw: the run equals
+    a simulation whose peer r uses the key derived from rank r's draw, and no key file appears."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _key_run(data_dir, tmp_path / "torchrun", kind="distributed")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_torchrun_rank, args=(r, 4, port, cfg), name=f"torchrun-rank{r}") for r in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert read_key(tmp_path / "torchrun") is None
+
+    def urandom_keyed(self, peer, round_, attempt):
+        return secret_from_key(peer_key(_rank_urandom(peer), peer), self.step, round_, attempt)
+
+    monkeypatch.setattr(Round, "mprng_secret", urandom_keyed)
+    byztrain.run(_key_run(data_dir, tmp_path / "sim"), quiet=True)
+    a, b = _final_state(tmp_path / "torchrun"), _final_state(tmp_path / "sim")
+    assert a["step"] == b["step"] == 8
+    assert torch.equal(a["params"], b["params"]) and a["shared_random"] == b["shared_random"]
