@@ -128,7 +128,7 @@ def test_cli_validator_dodge_three_of_eight_banned_within_250_steps_in_ten_of_te
     for seed in range(10):
         out = tmp_path / f"seed{seed}"
         args = ["run", f"seed={seed}", "peers=8", "byzantine=3", "defense.name=btard",
-                "attack.name=validator_dodge", "train.steps=250", "train.batch_size=16", "train.eval_every=250",
+                "attack.name=validator_dodge", "train.steps=250", "train.batch_size=8", "train.eval_every=250",
                 "log.every=50", "log.tensorboard=false", "runtime.threads=1", "--out", str(out), "--quiet"]
         assert main(args) == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
