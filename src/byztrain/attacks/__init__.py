@@ -2,7 +2,7 @@
 
 Modules: gradient (sign_flip, random_direction, small_change), data (label_flip, label_shuffle), temporal
 (delayed_gradient), omniscient (ipm, ipm_0.6, alie, min_max, min_sum, mimic), protocol (bad_aggregation,
-false_accusation, lie_in_check, mprng_withhold, silent). docs/attacks.md is the catalogue.
+false_accusation, lie_in_check, mprng_withhold, silent, validator_dodge). docs/attacks.md is the catalogue.
 """
 
 from byztrain.attacks import data, gradient, omniscient, protocol, temporal  # noqa: F401  (registers)

@@ -47,7 +47,7 @@ from byztrain.protocol.bans import (
     rows_finite,
 )
 from byztrain.protocol.commitments import DigestCache, is_commitment_list
-from byztrain.protocol.mprng import run_mprng, simulated_secret
+from byztrain.protocol.mprng import run_mprng
 from byztrain.protocol.partition import Layout, layout_for
 from byztrain.protocol.validators import choose_validators
 from byztrain.protocol.verification import (
@@ -412,12 +412,11 @@ class BtardDefense(Defense):
 
     # ---- 6. MPRNG: r_t, drawn only now that every aggregate is public ------------------------------
     def _mprng(self, rnd: Round, a: Attempt) -> None:
-        seed, step = self.config.seed, rnd.step
         res = run_mprng(
             rnd.comm,
-            step,
+            rnd.step,
             _participants(rnd),
-            secret=lambda peer, rd: simulated_secret(seed, step, peer, rd, salt=a.index),
+            secret=lambda peer, rd: rnd.mprng_secret(peer, rd, a.index),
             reveal=lambda peer, secret: rnd.tamper(peer, "on_mprng_reveal", secret, secret),
             on_ban=lambda peer, why: rnd.ban(peer, why),
         )
