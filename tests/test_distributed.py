@@ -186,6 +186,8 @@ def test_resume_with_other_numerics_is_refused_naming_the_fix(data_dir, tmp_path
     full = _config(data_dir, tmp_path / "full", steps=14, **honest, **over)
     byztrain.run(full, quiet=True)
     cut = full.with_overrides([f"log.out={tmp_path / 'cut'}"])
+    (tmp_path / "cut").mkdir()
+    shutil.copy(key_path(tmp_path / "full"), key_path(tmp_path / "cut"))  # the same MPRNG key: same run
     original = Trainer.train_step
 
     def dying(self):
