@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -25,6 +26,36 @@ class ConfigError(ValueError):
     def __init__(self, field_path: str, message: str):
         self.field = field_path
         super().__init__(f"config field '{field_path}': {message}")
+
+
+# ---- YAML with numbers as people type them --------------------------------------------------------
+# PyYAML implements YAML 1.1, whose floats need a dot and a signed exponent: '1e7', '1e-3' and '1E+2' load
+# as strings. YAML 1.2 (and every other tool a config comes from) reads them as floats; so do we, in config
+# files, grid files and `key=value` overrides alike.
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")
+_FLOAT_FIRST = list("-+0123456789.")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads YAML 1.2 floats (1e7, 1e-3, 1E+2, .5)."""
+
+
+class YamlDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that quotes strings YamlLoader would read back as floats (a name '1e7')."""
+
+
+for _cls in (YamlLoader, YamlDumper):
+    # Appended after YAML 1.1's own resolvers, so ints, 1.1 floats, dates and sexagesimals keep their types.
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, _FLOAT_FIRST)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with YamlLoader (safe: plain data only)."""
+    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def yaml_dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=YamlDumper, sort_keys=False)
 
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
@@ -129,7 +160,7 @@ class Config:
         path = Path(path)
         if not path.exists():
             raise ConfigError("<file>", f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError("<file>", f"{path} must contain a YAML mapping, got {type(data).__name__}")
         data = apply_overrides(data, overrides or [])
@@ -139,7 +170,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml_dump(self.to_dict())
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
@@ -361,7 +392,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(text, "override has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml_load(raw) if raw.strip() else ""
     return key.split("."), value
 
 

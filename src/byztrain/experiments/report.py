@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from byztrain.config import yaml_load
 
 # Keys that never label a run: where it logs, thread counts, data locations, the free-text name.
 IGNORED_KEYS = ("name", "log.", "runtime.threads", "runtime.timeout_s", "task.data_dir")
@@ -174,7 +174,7 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def load_run(path: Path, root: Path) -> RunData:
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = yaml_load((path / "config.yaml").read_text()) or {}
     summary = None
     if (path / "summary.json").exists():
         try:

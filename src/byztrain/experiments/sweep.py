@@ -32,9 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-import yaml
-
-from byztrain.config import Config, ConfigError, parse_override
+from byztrain.config import Config, ConfigError, parse_override, yaml_dump, yaml_load
 
 MAX_NAME_LENGTH = 150
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
@@ -182,7 +180,7 @@ def load_grid(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError("<file>", f"grid file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError("<file>", f"{path} must contain a YAML mapping, got {type(data).__name__}")
     return apply_grid_overrides(data, overrides)
@@ -453,7 +451,7 @@ def sweep(
         return result
     root.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(
-        root / "sweep.yaml", yaml.safe_dump({"runs": {p.name: p.params for p in points}}, sort_keys=False)
+        root / "sweep.yaml", yaml_dump({"runs": {p.name: p.params for p in points}})
     )
     jobs = max(1, min(jobs or default_jobs(), len(todo)))
     say(f"sweep: {len(todo)} runs to do ({len(result.skipped)} already finished) in {root}, {jobs} jobs")
