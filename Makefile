@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= runs/quickstart
 
-.PHONY: demo demo-grid test data setup lint bench clean
+.PHONY: demo demo-grid test data setup lint docs bench clean
 
 setup: $(STAMP) data
 
@@ -42,6 +42,10 @@ demo-grid: setup
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# docs/config.md is generated from the config dataclasses (tests/test_config_doc.py checks it is current).
+docs: setup
+	$(PY) -c 'import pathlib; from byztrain.config import config_reference; pathlib.Path("docs/config.md").write_text(config_reference())'
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
