@@ -496,9 +496,9 @@ def _run_pool(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from byztrain.runtime.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True)
+        bar = progress_bar(len(todo), desc="sweep", unit="run", every_s=0)  # off a terminal: a line per run
     write = bar.write if bar is not None else say
 
     def record(p: GridPoint, rec: dict) -> None:
@@ -509,8 +509,10 @@ def _run_pool(
             result.failed.append((p, rec["error"]))
             write(f"FAILED {p.name}: {rec['error']} (see {run_dir / 'error.txt'})")
         if bar is not None:
+            post = {"last": p.name}
             if result.failed:
-                bar.set_postfix({"failed": len(result.failed)}, refresh=False)
+                post["failed"] = len(result.failed)
+            bar.set_postfix(post, refresh=False)
             bar.update(1)
 
     if not isolate:  # in this process, one after the other (debugging, tests)
