@@ -1,6 +1,7 @@
 """`byztrain report DIR`: results.csv, report.md and PNG figures from the run folders below DIR.
 
-A run folder is any folder holding config.yaml and metrics.jsonl (DESIGN.md 5.2); it is *finished* when it
+DIR may also be one run folder: then the report is that run's curves and ban timeline (run_report.py).
+A run folder is any folder holding config.yaml and metrics.jsonl (README.md, *Outputs*); it is *finished* when it
 also holds summary.json, *failed* when it holds error.txt (written by `byztrain sweep`), else *unfinished*
 (killed or still running: its metrics so far are used and it is marked as such).
 
@@ -614,6 +615,10 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
+    from byztrain.experiments.run_report import is_run_folder, make_run_report  # imports this module
+
+    if is_run_folder(root):
+        return make_run_report(root, out)
     out = Path(out) if out is not None else root
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(root)
