@@ -489,6 +489,24 @@ def test_ban_and_cclip_figures_labels_and_legend(fake_sweep):
     ]
 
 
+def test_report_prints_the_outcome_table_and_where_the_files_are(fake_sweep, capsys):
+    from byztrain import cli
+
+    assert rep.terminal_rows(rep.load_runs(fake_sweep)) == [
+        ("none", "mean", "80.5% ± 0.7", "no attack", "0", "-"),
+        ("none", "btard (tau=1)", "80.5% ± 0.7", "no attack", "0", "-"),
+        ("none", "btard (tau=10)", "80.5% ± 0.7", "no attack", "0", "-"),
+        ("sign_flip", "mean", "10.0% ± 0.0", "0 of 3", "0", "-"),
+        ("sign_flip", "btard (tau=1)", "80.5% ± 0.7", "3 of 3", "0", "step 6"),
+        ("sign_flip", "btard (tau=10)", "80.0% *", "3 of 3", "1", "step 6"),  # the finished seed only
+    ]
+    assert cli.main(["report", str(fake_sweep)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("attack     defense         final accuracy  attackers banned  honest banned")
+    assert lines[5].split() == ["sign_flip", "btard", "(tau=1)", "80.5%", "±", "0.7", "3", "of", "3", "0", "step", "6"]
+    assert f"  {fake_sweep / 'report.md'}" in lines and f"  {fake_sweep / 'bans.png'}" in lines
+
+
 def test_report_cli_on_an_empty_folder_is_a_clear_error(tmp_path, capsys):
     from byztrain import cli
 

@@ -600,6 +600,7 @@ class ReportOutputs:
     finished: int
     unfinished: int
     failed: int
+    table: list[str] = field(default_factory=list)  # what `byztrain report` prints: the outcome at a glance
 
     @property
     def files(self) -> list[Path]:
@@ -685,6 +686,55 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
         md.append("")
     report = out / "report.md"
     report.write_text("\n".join(md))
+    table = format_table(TERMINAL_HEADER, terminal_rows(runs))
     return ReportOutputs(
-        results, report, figures, len(runs), counts["finished"], counts["unfinished"], counts["failed"]
+        results, report, figures, len(runs), counts["finished"], counts["unfinished"], counts["failed"], table
     )
+
+
+# ---- the terminal summary of `byztrain report` -------------------------------------------------------------
+
+TERMINAL_HEADER = ("attack", "defense", "final accuracy", "attackers banned", "honest banned", "last attacker banned")
+
+
+def terminal_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
+    """One row per (attack, defense), seeds averaged: what `byztrain report` prints (and `make demo` ends with).
+    Without an attack every peer behaves honestly, so any ban counts as an honest peer banned."""
+    rows = []
+    for other, by_attack in sorted(group_runs(runs).items(), key=lambda kv: _natural(kv[0])):
+        for a in attack_order(by_attack):
+            for d in defense_order(by_attack[a]):
+                group = [r for r in by_attack[a][d] if r.finished] or by_attack[a][d]
+                label = f"{a} ({other})" if other else a
+                rows.append((label, d, _accuracy_text(by_attack[a][d]), *_ban_texts(group)))
+    return rows
+
+
+def _accuracy_text(runs: list[RunData]) -> str:
+    done = [100 * r.final_accuracy for r in runs if r.finished and r.final_accuracy is not None]
+    if not done:
+        return "unfinished"
+    m, sd = mean_std(done)
+    text = f"{m:.1f}%" + (f" ± {sd:.1f}" if len(done) > 1 else "")
+    return text + (" *" if len(done) < len(runs) else "")
+
+
+def _mean_text(values: list[float]) -> str:
+    m = statistics.fmean(values)
+    return f"{m:.0f}" if m == int(m) else f"{m:.1f}"
+
+
+def _ban_texts(runs: list[RunData]) -> tuple[str, str, str]:
+    if not runs[0].attack_on:
+        return "no attack", _mean_text([len(r.bans) for r in runs]), "-"
+    byz = int(runs[0].flat.get("byzantine", 0) or 0)
+    caught = [r.byzantine_banned or 0 for r in runs]
+    honest = _mean_text([r.honest_banned or 0 for r in runs])
+    if not all(c == byz for c in caught):
+        return f"{_mean_text(caught)} of {byz}", honest, "-" if not any(caught) else "not all"
+    return f"{byz} of {byz}", honest, "step " + _mean_text([r.last_byzantine_ban for r in runs])
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    return ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]

@@ -243,4 +243,7 @@ def make_run_report(path: str | Path, out: str | Path | None = None) -> ReportOu
     report = out / "report.md"
     report.write_text("\n".join(md))
     counts = {s: int(run.status == s) for s in ("finished", "unfinished", "failed")}
-    return ReportOutputs(results, report, figures, 1, counts["finished"], counts["unfinished"], counts["failed"])
+    table = [f"{k:<20} {v}" for k, v in run_facts(run)]
+    return ReportOutputs(
+        results, report, figures, 1, counts["finished"], counts["unfinished"], counts["failed"], table
+    )
