@@ -134,10 +134,13 @@ def figure_ban_timeline(run: RunData):
     bans = run.bans
     fig = _new_figure((7.0, 1.6 + 0.22 * peers))
     ax = fig.add_subplot()
-    seen: set[str] = set()
+    labelled: set[str] = set()  # one legend entry per kind of line
 
     def label(text: str) -> str | None:
-        return None if text in seen or seen.add(text) else text
+        if text in labelled:
+            return None
+        labelled.add(text)
+        return text
 
     for p in range(peers):
         color = BYZANTINE if p in byzantine else HONEST
@@ -150,8 +153,8 @@ def figure_ban_timeline(run: RunData):
                     label=label(f"{kind} banned"))
     _attack_marks(ax, [run])
     caught = sum(1 for p in bans if p in byzantine)
-    ax.set_title(f"Ban timeline: {caught} of {len(byzantine)} Byzantine peers banned, "
-                 f"{len(bans) - caught} honest\n{_run_title(run)}", fontsize=10)
+    what = f"{caught} of {len(byzantine)} Byzantine peers banned" if byzantine else "no Byzantine peers"
+    ax.set_title(f"Ban timeline: {what}, {len(bans) - caught} honest\n{_run_title(run)}", fontsize=10)
     ax.set_xlabel(STEP_LABEL)
     ax.set_ylabel("peer")
     ax.set_yticks(range(peers))
