@@ -544,3 +544,22 @@ def test_real_tiny_sweep_and_report_end_to_end(tmp_path, capsys):
     assert cli.main(["report", str(out)]) == 0
     assert (out / "results.csv").exists() and (out / "accuracy-sign_flip.png").exists()
     assert "| sign_flip |" in (out / "report.md").read_text()
+
+
+# ---- the shipped grids ----------------------------------------------------------------------------------
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_and_grid_validates(path, tmp_path):
+    _, points, _ = plan(path, out=tmp_path)
+    assert points and all(p.config is not None for p in points)
+
+
+def test_the_demo_grid_is_mean_and_btard_under_no_attack_sign_flip_and_alie(tmp_path):
+    _, points, _ = plan(EXPERIMENTS / "demo.yaml", out=tmp_path)
+    pairs = {(p.config.attack.name, p.config.defense.name) for p in points}
+    assert pairs == {(a, d) for a in ("none", "sign_flip", "alie") for d in ("mean", "btard")}
+    assert {(p.config.peers, p.config.byzantine) for p in points} == {(16, 7)}
+    assert all(p.config.attack.start < p.config.train.steps for p in points)
