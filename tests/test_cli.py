@@ -83,3 +83,20 @@ def test_run_prints_plain_progress_off_a_terminal_and_closes_with_what_happened(
     assert expected + (f", the last at step {caught[-1]}" if caught else "") in text
     assert f"honest peers banned  {summary['honest_banned']}" in text
     assert f"run folder           {out}" in text and f"byztrain report {out}" in text
+
+
+def test_outcome_says_when_a_run_had_no_attackers_and_names_honest_peers_banned():
+    from byztrain.cli import outcome
+    from byztrain.config import Config
+
+    summary = {"final_test_accuracy": 0.5, "best_test_accuracy": 0.625, "steps": 3, "wall_seconds": 75.2,
+               "byzantine_peers": [], "banned": {"2": 3}}
+    text = outcome(Config.from_dict({"name": "q", "peers": 4, "log": {"out": "runs/q"}}), summary).splitlines()
+    assert text == [
+        "finished q: 3 steps in 1m15s",
+        "  final test accuracy  50.0% (best 62.5%)",
+        "  attackers            none in this run (byzantine: 0)",
+        "  honest peers banned  1: peers 2 (false positives)",
+        "  run folder           runs/q",
+        "  report               byztrain report runs/q",
+    ]

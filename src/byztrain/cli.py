@@ -16,7 +16,8 @@ examples:
   byztrain run cfg.yaml runtime.kind=distributed # one process per peer (docs/distributed.md)
   byztrain run --resume --out runs/lr05          # continue from the run folder's last checkpoint
   byztrain sweep experiments/demo.yaml --jobs 2  # a grid: every list-valued key expands
-  byztrain report runs/demo                      # results.csv, report.md and figures
+  byztrain report runs/demo                      # a sweep: outcome table, report.md, figures, results.csv
+  byztrain report runs/quickstart                # one run: its curves and ban timeline
   byztrain bench --json                          # performance ratios
 
 Any config key can be set as key=value (dotted for sections); see docs/config.md.
@@ -84,6 +85,8 @@ def outcome(config, summary: dict) -> str:
         if config.attack.name != "none":
             text += f" (attack {config.attack.name} from step {config.attack.start})"
         rows.append(("attackers banned", text))
+    else:
+        rows.append(("attackers", "none in this run (byzantine: 0)"))
     honest = sorted(p for p in bans if p not in byzantine)
     text = "0" if not honest else f"{len(honest)}: peers {', '.join(map(str, honest))} (false positives)"
     rows.append(("honest peers banned", text))
