@@ -78,7 +78,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     print("\n".join(outputs.table))
     print()
     print(
-        f"{outputs.runs} runs ({outputs.finished} finished, {outputs.unfinished} unfinished, "
+        f"{outputs.runs} run{'' if outputs.runs == 1 else 's'} ({outputs.finished} finished, {outputs.unfinished} unfinished, "
         f"{outputs.failed} failed); the report, its figures and a row per run:"
     )
     print(f"  {outputs.report_md}")

@@ -199,7 +199,8 @@ def run_facts(run: RunData) -> list[tuple[str, str]]:
     attack = "none" if not run.attack_on else f"{run.attack} from step {f.get('attack.start', 0)}"
     rows = [
         ("status", run.status),
-        ("peers", f"{f.get('peers')} ({len(byz)} Byzantine: {', '.join(map(str, byz)) or '-'})"),
+        ("peers", f"{f.get('peers')} ({len(byz)} Byzantine: {', '.join(map(str, byz))})" if byz
+         else f"{f.get('peers')} (no Byzantine peers)"),
         ("attack", attack),
         ("defense", f"{run.defense} (tau {f.get('defense.tau')})" if run.defense == "btard" else run.defense),
         ("steps", f"{run.steps} of {f.get('train.steps')} (test set every {f.get('train.eval_every')})"),

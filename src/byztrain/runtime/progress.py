@@ -68,6 +68,7 @@ class PlainProgress:
         self.started = self.last_line = clock()
         self.fields: dict[str, Any] = {}
         self.printed_n: int | None = None  # the count the last line showed
+        self.first: tuple[int, float] | None = None  # (count, time) at the first update: the rate starts there
 
     def set_postfix(self, fields: dict[str, Any] | None = None, refresh: bool = False, **kwargs: Any) -> None:
         self.fields = {**(fields or {}), **kwargs}
@@ -75,6 +76,8 @@ class PlainProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = self.clock()
+        if self.first is None:
+            self.first = (self.n, now)  # what came before it (setup, a first evaluation) is no guide to the rate
         if self.printed_n is None or self.n >= self.total or now - self.last_line >= self.every_s:
             self._line(now)
 
@@ -90,9 +93,9 @@ class PlainProgress:
         parts = [f"{self.desc}: {self.unit} {self.n}/{self.total}"]
         parts += [f"{k} {v}" for k, v in self.fields.items()]
         parts.append(f"{format_duration(elapsed)} elapsed")
-        done = self.n - self.initial
-        if 0 < done and self.n < self.total:
-            parts.append(f"ETA {format_duration(elapsed / done * (self.total - self.n))}")
+        if self.first is not None and self.first[0] < self.n < self.total:
+            rate = (now - self.first[1]) / (self.n - self.first[0])
+            parts.append(f"ETA {format_duration(rate * (self.total - self.n))}")
         return ", ".join(parts)
 
     def _line(self, now: float) -> None:
