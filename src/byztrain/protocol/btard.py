@@ -81,7 +81,7 @@ PARAMS = {
     "check_rtol": "relative tolerance of the projected fixed-point check; default 10 * (cclip_tol + (n+2) 2^-24)",
     "check_projections": "number q of random directions z per check (default 3)",
     "scalar_rtol": "relative tolerance when an aggregator re-derives s_ij, d_ij (default 1e-8)",
-    "scalar_bound": "a scalar |s_ij| above this many d_ij sends its partition to a dispute (default 7)",
+    "scalar_bound": "a scalar s_ij larger in magnitude than this many d_ij sends its partition to a dispute (default 7)",
     "median_bound": "a partition whose median s_ij is this many times the rows' spread off 0 goes to a "
     "dispute (default 8)",
     "median": "CenteredClip start for even n: lower (default, as torch.median), upper or average",

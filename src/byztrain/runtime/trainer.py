@@ -201,10 +201,9 @@ class Trainer:
         started = time.perf_counter() - self.elapsed_before
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
+            from byztrain.runtime.progress import progress_bar  # tqdm on a terminal, plain lines elsewhere
 
-            bar = tqdm(total=cfg.train.steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True,
-                       leave=True)
+            bar = progress_bar(cfg.train.steps, initial=self.step, desc=cfg.name, unit="step")
         if self.step == 0:
             self._log({"step": 0, **self.evaluate(), "active_peers": len(self.active), "banned": []}, started)
         while self.step < cfg.train.steps:
@@ -227,8 +226,7 @@ class Trainer:
                     post = {"loss": f"{merged.get('train_loss', float('nan')):.3f}"}
                     if self.test_accuracy is not None:
                         post["acc"] = f"{self.test_accuracy:.3f}"
-                    if self.banned:
-                        post["banned"] = len(self.banned)
+                    post["banned"] = len(self.banned)
                     bar.set_postfix(post, refresh=False)
             if is_ckpt:
                 self.save_checkpoint(time.perf_counter() - started)
