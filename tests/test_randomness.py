@@ -29,27 +29,8 @@ from byztrain.runtime.keyfile import KEY_FILE, ensure_key, key_path, read_key
 from byztrain.runtime.outputs import WALL_CLOCK_FIELDS
 from byztrain.runtime.round import Round
 from byztrain.runtime.trainer import Trainer
-from byztrain.tasks import Dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared; intra-op threads only add contention
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def synthetic(monkeypatch):
-    """The synthetic image task of tests/test_btard.py (10x10, 4 classes, ~9.5k-parameter CNN)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1200, 1, 10, 10, generator=g)
-    teacher = torch.randn(100, 4, generator=g)
-    y = (x.reshape(len(x), -1) @ teacher).argmax(dim=1)
-    ds = Dataset("synthetic", 4, 1, 10, x[:1000].contiguous(), y[:1000].contiguous(), x[1000:], y[1000:])
-    monkeypatch.setattr("byztrain.runtime.workload.load_dataset", lambda name, data_dir=None: ds)
-    return ds
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dodge_config(seed: int, **over) -> Config:
