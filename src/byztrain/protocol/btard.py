@@ -524,7 +524,9 @@ class BtardDefense(Defense):
             f"a scalar |s_ij| > {self.scalar_bound:g} d_ij": implausible(S, D, self.scalar_bound),
         }
         if a.n >= MEDIAN_RULE_MIN_ROWS:
-            reasons[f"median s_ij > {self.median_bound:g} x spread"] = off_centre(S, self.median_bound)
+            reasons[f"median s_ij > {self.median_bound:g} x (spread + tau b/(n-b))"] = off_centre(
+                S, self.median_bound, self.tau
+            )
         mass = (W[..., None] * S.abs()).sum(dim=0)
         a.stats.update(
             check_residual_max=float(rel.max()),
