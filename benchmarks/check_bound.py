@@ -70,7 +70,7 @@ def escape_rate(x, tau, size_in_tau, colluders, args, gen) -> float:
         ok = bool((R.abs() <= rtol * clip_mass(D[:, None], tau)[0]).all())
         ok = ok and not bool(implausible(S[:, None], D[:, None], args.scalar_bound)[0])
         if args.median_rule and n >= MEDIAN_RULE_MIN_ROWS:
-            ok = ok and not bool(off_centre(S[:, None], args.median_bound)[0])
+            ok = ok and not bool(off_centre(S[:, None], args.median_bound, tau)[0])
         escaped += ok
     return escaped / args.draws
 

@@ -624,3 +624,49 @@ def test_shared_params_mapping():
     with pytest.raises(ValueError, match="did you mean 'bucket_size'") as info:
         A.build_pre_aggregator("bucketing", f=1, params={"bucketsize": 3}, generator=torch.Generator())
     assert info.value.field == "defense.params.bucketsize"
+
+
+# ---- BTARD's CenteredClip: the reweighted solver -------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.01, 1.0, 1000.0])
+def test_irls_centered_clip_reaches_the_fixed_point_its_stopping_rule_measures(tau):
+    """The published iterate satisfies ||r(v)|| <= tol * sum_i min(d_i, tau), recomputed here in float64,
+    in a few iterations even when tau is far below the rows' spread (all rows clipped)."""
+    g = torch.Generator().manual_seed(3)
+    parts = torch.randn(3, 9, 400, generator=g) + 5 * torch.randn(3, 1, 400, generator=g)
+    parts[:, :2] += 40.0  # two outlying rows
+    before = parts.clone()
+    out, stats = A.centered_clip_irls_batched(parts, tau, tol=1e-6)
+    assert torch.equal(parts, before)  # input untouched
+    assert stats["converged"].all() and int(stats["iterations"].max()) <= 50
+    r = A.fixed_point_residual(parts, out, tau)
+    mass = (parts.double() - out.double()[:, None]).norm(dim=2).clamp(max=tau).sum(dim=1)
+    assert (r.norm(dim=1) <= 2e-6 * mass).all()  # the rule's tol, plus float32 evaluation error
+    same, _ = A.centered_clip(parts[1], tau, tol=1e-9, max_iters=100_000, return_stats=True)
+    assert torch.allclose(out[1], same, atol=1e-4 * float(same.norm()) + 1e-6)  # the same fixed point
+
+
+def test_irls_centered_clip_of_a_partition_does_not_depend_on_the_batch():
+    """A dispute reruns one partition on its own: the result must be the aggregator's, bit for bit, even
+    when the batch held a partition of a very different scale (the float32/float64 norm choice is per
+    partition)."""
+    g = torch.Generator().manual_seed(4)
+    parts = torch.randn(3, 7, 300, generator=g)
+    parts[2] *= 1e17  # this partition needs float64 norms
+    out, _ = A.centered_clip_irls_batched(parts, 0.5)
+    for p in range(3):
+        alone, _ = A.centered_clip_irls_batched(parts[p : p + 1].clone(), 0.5)
+        assert torch.equal(alone[0], out[p])
+
+
+def test_irls_centered_clip_preconditions():
+    x = torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="tau must be finite"):
+        A.centered_clip_irls_batched(x, float("inf"))
+    bad = x.clone()
+    bad[0, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        A.centered_clip_irls_batched(bad, 1.0)
+    with pytest.raises(ValueError, match="3-D"):
+        A.centered_clip_irls_batched(x[0], 1.0)

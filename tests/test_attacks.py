@@ -1,6 +1,7 @@
 """The attack catalogue: each attack's defining property, parameter errors, the window, combinations, and one
 end-to-end run per family through the real runtime (tiny IDX fixture, mean defense)."""
 
+import hashlib
 import json
 import math
 
@@ -15,6 +16,7 @@ from byztrain import Config
 from byztrain.attacks import ATTACKS, AttackContext, attack_active, build_attack
 from byztrain.attacks.omniscient import z_max
 from byztrain.config import ConfigError
+from byztrain.runtime.keyfile import key_path
 
 N, BYZ = 16, (1, 3, 5, 7, 9, 11, 13)
 HONEST = tuple(p for p in range(N) if p not in BYZ)
@@ -483,6 +485,8 @@ def test_runs_end_to_end_with_mean(tmp_path, tiny_data, clean_norms, name, param
 
 @pytest.mark.parametrize("name", ["bad_aggregation", "false_accusation", "lie_in_check", "mprng_withhold", "silent"])
 def test_protocol_attack_gets_its_attackers_banned_under_btard(tmp_path, tiny_data, name):
+    # a fixed MPRNG key in the run folder: who validates whom, hence the ban steps below, replay exactly
+    key_path(tmp_path).write_text(hashlib.sha256(b"test_attacks").hexdigest() + "\n")
     cfg = Config.from_dict({
         "name": name,
         "peers": 6,  # btard needs byzantine < (peers - validators) / 2

@@ -4,6 +4,7 @@ runs on Fashion-MNIST (marked slow)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -16,10 +17,16 @@ from byztrain.protocol.btard import BtardDefense
 from byztrain.protocol.partition import layout_for
 from byztrain.protocol.validators import choose_validators
 from byztrain.protocol.verification import default_check_rtol
+from byztrain.runtime.keyfile import key_path
 from byztrain.runtime.round import Round
 from byztrain.runtime.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fixed_key(seed: int) -> bytes:
+    """A fixed MPRNG master key per seed: these tests replay exactly (a run's key is private and random)."""
+    return hashlib.sha256(b"byztrain tests %d" % seed).digest()
 
 
 def make_trainer(peers=8, validators=1, seed=0, byzantine=(), attack=None, tau=1.0, params=None, **cfg):
@@ -36,7 +43,7 @@ def make_trainer(peers=8, validators=1, seed=0, byzantine=(), attack=None, tau=1
     for key, value in cfg.items():
         data[key] = value
     config = Config.from_dict(data)
-    tr = Trainer(config, progress=False)
+    tr = Trainer(config, progress=False, secret_key=fixed_key(seed))
     if byzantine:
         # Attack hooks run only when the config's attack window is on: use a registered no-op name for it.
         tr.config = config.with_overrides({"byzantine": len(byzantine), "attack.name": "silent"})
@@ -320,6 +327,7 @@ def test_run_folder_gets_protocol_stats_and_events(synthetic, tmp_path):
 
     import byztrain
 
+    key_path(tmp_path).write_text(fixed_key(0).hex() + "\n")  # the run replays exactly
     cfg = {
         "peers": 6,
         "byzantine": 2,
@@ -413,7 +421,7 @@ def _fmnist_trainer(seed, **over):
         "log": {"tensorboard": False},
     }
     data.update(over)
-    return Trainer(Config.from_dict(data), progress=False)
+    return Trainer(Config.from_dict(data), progress=False, secret_key=fixed_key(seed))
 
 
 @pytest.mark.slow

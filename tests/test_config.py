@@ -79,3 +79,51 @@ def test_override_errors():
         apply_overrides({}, ["train.lr"])
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"peers": 3}, ["peers.x=1"])
+
+
+# ---- numbers as people type them: YAML 1.1 reads '1e7' as a string, we read it as a float ---------------
+
+NUMBERS = [("1e7", 1e7), ("1e-3", 1e-3), ("1E+2", 100.0), (".5", 0.5), ("-2.5e-1", -0.25), ("1.0e3", 1000.0)]
+
+
+@pytest.mark.parametrize("text, value", NUMBERS)
+def test_dotted_overrides_read_exponents_as_floats(text, value):
+    cfg = Config.from_dict({"byzantine": 1, "attack": {"name": "sign_flip"}}).with_overrides(
+        [f"attack.params.scale={text}", f"train.lr={text.lstrip('-')}", f"defense.cclip_tol={text.lstrip('-')}"]
+    )
+    assert cfg.attack.params["scale"] == value and isinstance(cfg.attack.params["scale"], float)
+    assert cfg.train.lr == abs(value) and cfg.defense.cclip_tol == abs(value)
+
+
+def test_config_and_grid_files_read_exponents_as_floats(tmp_path):
+    from byztrain.experiments.sweep import expand_grid, load_grid
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "byzantine: 1\nattack: {name: sign_flip, params: {scale: 1E+2}}\n"
+        "defense: {cclip_tol: 1e-3}\ntrain: {lr: .5, steps: 1e3}\n"
+    )
+    cfg = Config.load(path)
+    assert cfg.attack.params == {"scale": 100.0}
+    assert (cfg.defense.cclip_tol, cfg.train.lr, cfg.train.steps) == (1e-3, 0.5, 1000)
+    path.write_text("train: {lr: [1e-3, 1e-2]}\n")
+    assert [p.data["train"]["lr"] for p in expand_grid(load_grid(path))] == [1e-3, 1e-2]
+
+
+def test_exponent_floats_reach_free_form_attack_params():
+    # A free-form mapping keeps what YAML gives it, so only the loader can make '1e-2' a number here.
+    cfg = Config.from_dict({}).with_overrides(
+        ["byzantine=1", "defense.name=btard", "attack.name=lie_in_check", "attack.params.size=1e-2"]
+    )
+    assert cfg.attack.params["size"] == 0.01
+
+
+def test_yaml_keeps_its_other_types_and_round_trips_float_like_strings(tmp_path):
+    from byztrain.config import yaml_load
+
+    assert yaml_load("[12, 1_000, 0x1f, true, null, .inf, 1e, e5, 1.2.3, '1e7']") == [
+        12, 1000, 31, True, None, float("inf"), "1e", "e5", "1.2.3", "1e7"
+    ]
+    cfg = Config.from_dict({"name": "1e7"})
+    cfg.save(tmp_path / "c.yaml")
+    assert Config.load(tmp_path / "c.yaml").name == "1e7"

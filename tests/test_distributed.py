@@ -1,13 +1,14 @@
 """Distributed runtime: message codec, checkpoint/resume, simulated-vs-distributed parity, fault behaviour.
 
-Process launches are slow on a shared 2-core machine (each process imports torch), so there are four of
-them in this file: two parity runs and the two halves of the fault test. Data: a small synthetic task in
+Process launches are slow on a shared 2-core machine (each process imports torch), so there are few of
+them in this file: the parity runs, the two halves of the fault test and two short runs for the MPRNG keys. Data: a small synthetic task in
 the canonical IDX format (1200 training images), written to a temporary folder.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -15,7 +16,9 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import struct
+import sys
 import threading
 import time
 
@@ -26,10 +29,13 @@ import torch
 import byztrain
 from byztrain import Config
 from byztrain.comm.torch_dist import MessageError, decode, encode
+from byztrain.protocol.mprng import peer_key, secret_from_key
 from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime.distributed import FAULT_ENV, DistributedRunError
+from byztrain.runtime.keyfile import key_path, read_key
 from byztrain.runtime.majority import HonestMajorityLost
 from byztrain.runtime.outputs import WALL_CLOCK_FIELDS
+from byztrain.runtime.round import Round
 from byztrain.runtime.trainer import Trainer, choose_byzantine
 
 
@@ -180,6 +186,8 @@ def test_resume_with_other_numerics_is_refused_naming_the_fix(data_dir, tmp_path
     full = _config(data_dir, tmp_path / "full", steps=14, **honest, **over)
     byztrain.run(full, quiet=True)
     cut = full.with_overrides([f"log.out={tmp_path / 'cut'}"])
+    (tmp_path / "cut").mkdir()
+    shutil.copy(key_path(tmp_path / "full"), key_path(tmp_path / "cut"))  # the same MPRNG key: same run
     original = Trainer.train_step
 
     def dying(self):
@@ -250,11 +258,14 @@ def test_parity_simulated_vs_distributed(data_dir, tmp_path, defense, attack):
     each (with several threads, CPU reductions may split differently, so threads=1 is part of the
     contract); messages carry the exact float32 bytes; every aggregation sees its inputs in the same peer
     order (the mean over the stacked rows, BTARD's CenteredClip on the same (n, k) partition block); so
-    every process applies the very update the simulator applies, step after step. No tolerance needed.
+    every process applies the very update the simulator applies, step after step; BTARD's shared randomness
+    agrees because both run folders hold the same MPRNG key file. No tolerance needed.
     """
     sim = _config(data_dir, tmp_path / "sim", defense={"name": defense}, attack=attack)
     dis = _config(data_dir, tmp_path / "dis", kind="distributed", defense={"name": defense}, attack=attack)
     s_sim = byztrain.run(sim, quiet=True)
+    (tmp_path / "dis").mkdir()
+    shutil.copy(key_path(tmp_path / "sim"), key_path(tmp_path / "dis"))
     s_dis = byztrain.run(dis, quiet=True)
     a, b = _final_state(tmp_path / "sim"), _final_state(tmp_path / "dis")
     assert a["step"] == b["step"] == 30
@@ -290,6 +301,8 @@ def test_fault_kill_honest_and_byzantine_then_writer_and_resume(data_dir, tmp_pa
     )
     byz = choose_byzantine(cfg)[0]
     honest = next(p for p in range(1, 5) if p != byz)
+    out.mkdir()
+    key_path(out).write_text(hashlib.sha256(b"fault test").hexdigest() + "\n")  # validators replay
     killed_at = {}
 
     def killer():
@@ -321,7 +334,11 @@ def test_fault_kill_honest_and_byzantine_then_writer_and_resume(data_dir, tmp_pa
     assert [json.loads(x)["step"] for x in lines] == list(range(24))
     events = _rows(out, "events.jsonl")
     bans = {e["peer"]: e for e in events if e["type"] == "ban"}
-    assert set(bans) == {honest, byz} and all("silent" in e["reason"] for e in bans.values())
+    # absent from the first broadcast of the step it missed: a worker's commitments or, for that step's
+    # validator (who commits no gradient), its MPRNG commitment
+    absent = ("silent", "mprng: no commitment")
+    assert set(bans) == {honest, byz}
+    assert all(any(a in e["reason"] for a in absent) for e in bans.values()), bans
     assert all(e["step"] <= killed_at["step"] + 2 for e in bans.values())
 
     replay = tmp_path / "replay"
@@ -378,3 +395,83 @@ def test_distributed_run_stops_when_crashes_leave_no_honest_majority(data_dir, t
     assert stop["step"] == 6 and stop["honest_silent"] == [h1, h2] and stop["byzantine_active"] == 1
     assert [r["step"] for r in _rows(out)] == [0, 5, 6]
     assert _final_state(out)["step"] == 6 and not (out / "summary.json").exists()
+
+
+# ---- MPRNG keys in the distributed runtime ---------------------------------------------------------------
+
+
+def _key_run(data_dir, out, kind="simulated") -> Config:
+    """4 peers, BTARD, 8 steps: the shared randomness seeds the minibatches, so a key shows in the params."""
+    return _config(data_dir, out, kind=kind, steps=8, defense={"name": "btard"}, attack={"name": "sign_flip", "start": 3})
+
+
+@pytest.mark.slow
+def test_local_launch_ranks_key_their_secrets_with_the_run_folder_key(data_dir, tmp_path):
+    """The launcher reuses the folder's key file and every rank keys its secrets with it: the run matches
+    the simulator given the same file, bit for bit, and not the simulator given another key."""
+    key = hashlib.sha256(b"the run folder's key").digest()
+    for name, k in (("sim", key), ("dis", key), ("other", hashlib.sha256(b"another key").digest())):
+        (tmp_path / name).mkdir()
+        key_path(tmp_path / name).write_text(k.hex() + "\n")
+    byztrain.run(_key_run(data_dir, tmp_path / "sim"), quiet=True)
+    byztrain.run(_key_run(data_dir, tmp_path / "dis", kind="distributed"), quiet=True)
+    byztrain.run(_key_run(data_dir, tmp_path / "other"), quiet=True)
+    assert read_key(tmp_path / "dis") == key
+    sim, dis, other = (_final_state(tmp_path / n) for n in ("sim", "dis", "other"))
+    assert sim["step"] == dis["step"] == 8
+    assert torch.equal(sim["params"], dis["params"]) and sim["shared_random"] == dis["shared_random"]
+    assert not torch.equal(sim["params"], other["params"]) and sim["shared_random"] != other["shared_random"]
+
+
+def _rank_urandom(rank: int) -> bytes:
+    """What os.urandom(32) returns in rank `rank`'s process in the torchrun test (recognisable per rank)."""
+    return hashlib.sha256(b"urandom of rank %d" % rank).digest()
+
+
+def _torchrun_rank(rank: int, world: int, port: int, config: Config) -> None:
+    """A rank started as torchrun starts it (env://); os.urandom(32) is replaced by `_rank_urandom`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    real = os.urandom
+    os.urandom = lambda n: _rank_urandom(rank) if n == 32 else real(n)
+    code = 0
+    try:
+        byztrain.run(config, quiet=True)
+    except BaseException:  # noqa: BLE001 - report and exit non-zero
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_without_a_key_file_draw_their_own_keys_from_urandom(data_dir, tmp_path, monkeypatch):
+    """Under torchrun with no key file, rank r keys its secrets with its own os.urandom draw: the run equals
+    a simulation whose peer r uses the key derived from rank r's draw, and no key file appears."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _key_run(data_dir, tmp_path / "torchrun", kind="distributed")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_torchrun_rank, args=(r, 4, port, cfg), name=f"torchrun-rank{r}") for r in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert read_key(tmp_path / "torchrun") is None
+
+    def urandom_keyed(self, peer, round_, attempt):
+        return secret_from_key(peer_key(_rank_urandom(peer), peer), self.step, round_, attempt)
+
+    monkeypatch.setattr(Round, "mprng_secret", urandom_keyed)
+    byztrain.run(_key_run(data_dir, tmp_path / "sim"), quiet=True)
+    a, b = _final_state(tmp_path / "torchrun"), _final_state(tmp_path / "sim")
+    assert a["step"] == b["step"] == 8
+    assert torch.equal(a["params"], b["params"]) and a["shared_random"] == b["shared_random"]

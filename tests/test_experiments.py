@@ -489,6 +489,24 @@ def test_ban_and_cclip_figures_labels_and_legend(fake_sweep):
     ]
 
 
+def test_report_prints_the_outcome_table_and_where_the_files_are(fake_sweep, capsys):
+    from byztrain import cli
+
+    assert rep.terminal_rows(rep.load_runs(fake_sweep)) == [
+        ("none", "mean", "80.5% ± 0.7", "no attack", "0", "-"),
+        ("none", "btard (tau=1)", "80.5% ± 0.7", "no attack", "0", "-"),
+        ("none", "btard (tau=10)", "80.5% ± 0.7", "no attack", "0", "-"),
+        ("sign_flip", "mean", "10.0% ± 0.0", "0 of 3", "0", "-"),
+        ("sign_flip", "btard (tau=1)", "80.5% ± 0.7", "3 of 3", "0", "step 6"),
+        ("sign_flip", "btard (tau=10)", "80.0% *", "3 of 3", "1", "step 6"),  # the finished seed only
+    ]
+    assert cli.main(["report", str(fake_sweep)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("attack     defense         final accuracy  attackers banned  honest banned")
+    assert lines[5].split() == ["sign_flip", "btard", "(tau=1)", "80.5%", "±", "0.7", "3", "of", "3", "0", "step", "6"]
+    assert f"  {fake_sweep / 'report.md'}" in lines and f"  {fake_sweep / 'bans.png'}" in lines
+
+
 def test_report_cli_on_an_empty_folder_is_a_clear_error(tmp_path, capsys):
     from byztrain import cli
 
@@ -526,3 +544,22 @@ def test_real_tiny_sweep_and_report_end_to_end(tmp_path, capsys):
     assert cli.main(["report", str(out)]) == 0
     assert (out / "results.csv").exists() and (out / "accuracy-sign_flip.png").exists()
     assert "| sign_flip |" in (out / "report.md").read_text()
+
+
+# ---- the shipped grids ----------------------------------------------------------------------------------
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_and_grid_validates(path, tmp_path):
+    _, points, _ = plan(path, out=tmp_path)
+    assert points and all(p.config is not None for p in points)
+
+
+def test_the_demo_grid_is_mean_and_btard_under_no_attack_sign_flip_and_alie(tmp_path):
+    _, points, _ = plan(EXPERIMENTS / "demo.yaml", out=tmp_path)
+    pairs = {(p.config.attack.name, p.config.defense.name) for p in points}
+    assert pairs == {(a, d) for a in ("none", "sign_flip", "alie") for d in ("mean", "btard")}
+    assert {(p.config.peers, p.config.byzantine) for p in points} == {(16, 7)}
+    assert all(p.config.attack.start < p.config.train.steps for p in points)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import byztrain
 from byztrain import Config
@@ -19,26 +18,8 @@ from byztrain.protocol.btard import BtardDefense
 from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime.majority import HonestMajorityLost, lost
 from byztrain.runtime.trainer import choose_byzantine
-from byztrain.tasks import Dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def synthetic(monkeypatch):
-    """The small synthetic task of tests/test_btard.py (10x10 images, 4 classes)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1200, 1, 10, 10, generator=g)
-    teacher = torch.randn(100, 4, generator=g)
-    y = (x.reshape(len(x), -1) @ teacher).argmax(dim=1)
-    ds = Dataset("synthetic", 4, 1, 10, x[:1000].contiguous(), y[:1000].contiguous(), x[1000:], y[1000:])
-    monkeypatch.setattr("byztrain.runtime.workload.load_dataset", lambda name, data_dir=None: ds)
+pytestmark = pytest.mark.usefixtures("one_thread", "synthetic")
 
 
 def _config(out, *, peers=8, byzantine=1, defense="mean", steps=20, **over) -> Config:

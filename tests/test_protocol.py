@@ -20,7 +20,7 @@ from byztrain.protocol.commitments import (
     digest,
     is_commitment_list,
 )
-from byztrain.protocol.mprng import commitment, run_mprng, simulated_secret, xor_bytes
+from byztrain.protocol.mprng import commitment, peer_key, run_mprng, secret_from_key, xor_bytes
 from byztrain.protocol.partition import Layout, layout_for
 from byztrain.protocol.validators import choose_validators
 from byztrain.protocol.verification import (
@@ -117,7 +117,7 @@ def test_digest_cache_sees_in_place_writes_through_views():
 
 
 def _secret(peer, round_):
-    return simulated_secret(7, 3, peer, round_)
+    return secret_from_key(peer_key(b"k" * 32, peer), 3, round_, 0)
 
 
 def test_mprng_is_the_xor_of_the_reveals():

@@ -16,7 +16,8 @@ examples:
   byztrain run cfg.yaml runtime.kind=distributed # one process per peer (docs/distributed.md)
   byztrain run --resume --out runs/lr05          # continue from the run folder's last checkpoint
   byztrain sweep experiments/demo.yaml --jobs 2  # a grid: every list-valued key expands
-  byztrain report runs/demo                      # results.csv, report.md and figures
+  byztrain report runs/demo                      # a sweep: outcome table, report.md, figures, results.csv
+  byztrain report runs/quickstart                # one run: its curves and ban timeline
   byztrain bench --json                          # performance ratios
 
 Any config key can be set as key=value (dotted for sections); see docs/config.md.
@@ -62,11 +63,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun: rank 0 reports for the run
     if not args.quiet:
-        print(f"finished {config.name}: final test accuracy {summary['final_test_accuracy']:.4f}, "
-              f"{summary['wall_seconds']:.1f} s, outputs in {config.out_dir}")
+        print(outcome(config, summary))
     else:
         print(json.dumps(summary))
     return 0
+
+
+def outcome(config, summary: dict) -> str:
+    """What happened in a finished run, for the end of `byztrain run`: accuracy, bans, where the files are."""
+    from byztrain.runtime.progress import format_duration
+
+    acc, best = summary.get("final_test_accuracy"), summary.get("best_test_accuracy")
+    rows = [("final test accuracy", "n/a" if acc is None else f"{100 * acc:.1f}% (best {100 * best:.1f}%)")]
+    byzantine = [int(p) for p in summary.get("byzantine_peers", [])]
+    bans = {int(p): int(s) for p, s in summary.get("banned", {}).items()}
+    caught = sorted(s for p, s in bans.items() if p in byzantine)
+    if byzantine:
+        text = f"{len(caught)} of {len(byzantine)}"
+        if caught:
+            text += f", the last at step {caught[-1]}"
+        if config.attack.name != "none":
+            text += f" (attack {config.attack.name} from step {config.attack.start})"
+        rows.append(("attackers banned", text))
+    else:
+        rows.append(("attackers", "none in this run (byzantine: 0)"))
+    honest = sorted(p for p in bans if p not in byzantine)
+    text = "0" if not honest else f"{len(honest)}: peers {', '.join(map(str, honest))} (false positives)"
+    rows.append(("honest peers banned", text))
+    rows.append(("run folder", str(config.out_dir)))
+    rows.append(("report", f"byztrain report {config.out_dir}"))
+    head = f"finished {config.name}: {summary.get('steps')} steps in {format_duration(summary['wall_seconds'])}"
+    return "\n".join([head, *(f"  {k:<20} {v}" for k, v in rows)])
 
 
 def build_parser() -> argparse.ArgumentParser:

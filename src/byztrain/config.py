@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -25,6 +26,36 @@ class ConfigError(ValueError):
     def __init__(self, field_path: str, message: str):
         self.field = field_path
         super().__init__(f"config field '{field_path}': {message}")
+
+
+# ---- YAML with numbers as people type them --------------------------------------------------------
+# PyYAML implements YAML 1.1, whose floats need a dot and a signed exponent: '1e7', '1e-3' and '1E+2' load
+# as strings. YAML 1.2 (and every other tool a config comes from) reads them as floats; so do we, in config
+# files, grid files and `key=value` overrides alike.
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$")
+_FLOAT_FIRST = list("-+0123456789.")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads YAML 1.2 floats (1e7, 1e-3, 1E+2, .5)."""
+
+
+class YamlDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that quotes strings YamlLoader would read back as floats (a name '1e7')."""
+
+
+for _cls in (YamlLoader, YamlDumper):
+    # Appended after YAML 1.1's own resolvers, so ints, 1.1 floats, dates and sexagesimals keep their types.
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, _FLOAT_FIRST)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with YamlLoader (safe: plain data only)."""
+    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def yaml_dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=YamlDumper, sort_keys=False)
 
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
@@ -131,7 +162,7 @@ class Config:
         path = Path(path)
         if not path.exists():
             raise ConfigError("<file>", f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError("<file>", f"{path} must contain a YAML mapping, got {type(data).__name__}")
         data = apply_overrides(data, overrides or [])
@@ -141,7 +172,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml_dump(self.to_dict())
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
@@ -364,7 +395,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(text, "override has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml_load(raw) if raw.strip() else ""
     return key.split("."), value
 
 
@@ -382,3 +413,199 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = child
         node[keys[-1]] = value
     return data
+
+
+# ---- the reference in docs/config.md --------------------------------------------------------------------
+# Every key's accepted values and meaning; its type and default come from the dataclasses above. docs/config.md
+# is generated from this (`make docs`), and tests/test_config_doc.py fails when either drifts. An accepted
+# value of None means the key is a choice and the list comes from the code that checks it (`_choices`).
+FIELD_DOCS: dict[str, tuple[str | None, str]] = {
+    "name": ("non-empty string", "run name; the run folder is `runs/<name>` unless `log.out` is set"),
+    "seed": ("integer", "seeds everything: model init, shards, minibatches, which peers are Byzantine"),
+    "peers": ("integer >= 1", "total peers, Byzantine ones included"),
+    "byzantine": (
+        "integer, 0 <= byzantine < peers (btard: < (peers - defense.validators) / 2)",
+        "number of Byzantine peers, drawn from the seed; peer 0 (which evaluates and logs) is always honest",
+    ),
+    "task.dataset": (None, "dataset; files are found as described in README.md, *Data*"),
+    "task.data_dir": ("path or null", "folder holding the dataset files (null: the default search path)"),
+    "task.model": (None, "`cnn` (about 109k parameters, 28x28 greyscale) or `resnet18` (CIFAR-10)"),
+    "task.split": (None, "how training data is sharded over peers: `iid`, `dirichlet` label skew, `gamma_similarity` (a share gamma iid, the rest sorted by label) or `extreme` (sorted by label, contiguous shards)"),
+    "task.alpha": ("number > 0", "Dirichlet concentration for `task.split: dirichlet` (smaller: more skewed)"),
+    "task.gamma": ("number in [0, 1]", "share of iid samples for `task.split: gamma_similarity` (1: iid, 0: sorted by label)"),
+    "task.augment": ("true or false", "random crop + flip from the peer's public seed (CIFAR-10; docs/cifar.md)"),
+    "attack.name": (None, "the attack the Byzantine peers run (docs/attacks.md); `a+b` combines two"),
+    "attack.start": ("integer >= 0", "first step of the attack window (steps count from 1)"),
+    "attack.stop": ("null or integer > attack.start", "the window ends before this step (null: never)"),
+    "attack.every": ("integer >= 1", "attack every `every`-th step of the window"),
+    "attack.params": (
+        "mapping; keys per attack below",
+        "the attack's parameters; with a combined attack `a+b`, keyed by attack name",
+    ),
+    "defense.name": (None, "the aggregation: `mean` (no defense), `btard` (the protocol) or a baseline rule"),
+    "defense.tau": ("number > 0 (btard: finite, >= 1e-20)", "CenteredClip radius (per partition for btard; cclip_ps on the server)"),
+    "defense.validators": (
+        "integer >= 0, < peers - 1",
+        "btard: validators per step (m), who recompute a chosen peer's gradient instead of aggregating",
+    ),
+    "defense.pre": (None, "pre-aggregators applied in order before a baseline rule (not btard)"),
+    "defense.f": ("null or integer >= 0", "Byzantine count a baseline rule is told to tolerate (null: `byzantine`)"),
+    "defense.cclip_tol": ("number > 0 (btard: >= 1e-7)", "CenteredClip relative stopping tolerance (btard: of the fixed-point residual, relative to sum_i min(d_i, tau))"),
+    "defense.cclip_max_iters": ("integer >= 1", "CenteredClip iteration cap"),
+    "defense.params": ("mapping; keys per defense below", "rule-specific parameters"),
+    "train.steps": ("integer >= 1", "optimizer steps"),
+    "train.batch_size": ("integer >= 1", "samples per peer per step"),
+    "train.lr": ("number > 0", "SGD learning rate (the peak, with `schedule: cosine`)"),
+    "train.momentum": ("number in [0, 1)", "SGD momentum"),
+    "train.nesterov": ("true or false", "Nesterov momentum (needs momentum > 0)"),
+    "train.weight_decay": ("number >= 0", "SGD weight decay"),
+    "train.clip_norm": (
+        "null or number > 0",
+        "clip the aggregated update to this L2 norm before SGD (null: off); bounds what one step can do",
+    ),
+    "train.schedule": (None, "learning-rate schedule: `constant`, or `cosine` down to 0 at `schedule_steps`"),
+    "train.schedule_steps": (
+        "null or integer >= train.steps",
+        "cosine horizon (null: `train.steps`; longer reproduces a run stopped early on a longer schedule)",
+    ),
+    "train.eval_every": ("integer >= 1", "steps between full test-set evaluations (and at the last step)"),
+    "runtime.kind": (None, "`simulated`: every peer in this process; `distributed`: a process per peer"),
+    "runtime.device": ("`cpu` or `cuda[:N]`", "torch device"),
+    "runtime.timeout_s": ("number > 0", "timeout in seconds on every collective of the distributed runtime"),
+    "runtime.threads": ("null or integer >= 1", "torch threads for this run (null: torch's default; sweeps use 1)"),
+    "runtime.checkpoint_every": (
+        "null, 0 or integer >= 1",
+        "steps between checkpoints for `byztrain run --resume` (null: off simulated, 50 distributed; 0: off)",
+    ),
+    "log.out": ("path or null", "run folder (null: `runs/<name>`)"),
+    "log.tensorboard": ("true or false", "write TensorBoard event files to `<run folder>/tb`"),
+    "log.every": ("integer >= 1", "steps per metrics line (values averaged over the window)"),
+}
+
+
+def _choices(key: str) -> list[str] | None:
+    """The accepted values of a choice key, from the tuples and registries validation checks against."""
+    if key == "attack.name":
+        from byztrain.attacks import ATTACKS
+
+        return ["none", *sorted(ATTACKS)]
+    if key == "defense.name":
+        from byztrain.defenses import defense_names
+
+        return defense_names()
+    if key == "defense.pre":
+        from byztrain.aggregators import PRE_AGGREGATORS
+
+        return list(PRE_AGGREGATORS)
+    fixed = {
+        "task.dataset": DATASETS,
+        "task.model": MODELS,
+        "task.split": SPLITS,
+        "train.schedule": SCHEDULES,
+        "runtime.kind": RUNTIMES,
+    }
+    return list(fixed[key]) if key in fixed else None
+
+
+def config_fields(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, type, default) of every leaf key of the config, in declaration order."""
+    cls = cls or Config
+    hints = get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += config_fields(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out.append((f"{prefix}{f.name}", tp, default))
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "mapping", list: "list"}
+    args = get_args(tp)
+    if type(None) in args:
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
+    return names.get(get_origin(tp) or tp, str(tp))
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _accepted_text(key: str) -> str:
+    choices = _choices(key)
+    if choices is None:
+        return FIELD_DOCS[key][0] or ""
+    text = ", ".join(f"`{c}`" for c in choices)
+    if key == "attack.name":
+        text += "; `a+b` for two at once"
+    if key == "defense.pre":
+        text = "a list of " + text
+    return text
+
+
+def config_reference() -> str:
+    """docs/config.md: every key with its type, default, accepted values and meaning."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from src/byztrain/config.py (the dataclasses and FIELD_DOCS) by `make docs`;",
+        "     tests/test_config_doc.py fails when this file and the code disagree. Do not edit by hand. -->",
+        "",
+        "A run is one YAML mapping; every key is optional. On the command line any key can be set as",
+        "`key=value`, dotted for sections (`train.lr=0.05`, `attack.params.scale=-10`); values are read as",
+        "YAML, and numbers may be written `0.001`, `1e-3`, `1E+2` or `.5`. A list in a grid file expands into",
+        "several runs (docs/experiments.md). An unknown key or a bad value stops the run with an error naming",
+        "the field and what it accepts.",
+        "",
+    ]
+    section = None
+    for key, tp, default in config_fields():
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            title = f"`{head}`" if head else "Top level"
+            lines += ["", f"## {title}", "", "| key | type | default | accepted | meaning |", "|---|---|---|---|---|"]
+        cells = [f"`{key}`", _type_name(tp), f"`{_default_text(default)}`", _accepted_text(key), FIELD_DOCS[key][1]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", *_attack_params_table(), "", *_defense_params_table()]
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+
+def _attack_params_table() -> list[str]:
+    from byztrain.attacks import ATTACKS
+
+    lines = ["## `attack.params` by attack", "", "Parameters not set take these defaults (docs/attacks.md).", ""]
+    lines += ["| attack | parameters and defaults |", "|---|---|"]
+    for name in sorted(ATTACKS):
+        defaults = ATTACKS[name].defaults
+        text = ", ".join(f"`{k}: {_default_text(v)}`" for k, v in defaults.items()) or "none"
+        lines.append(f"| `{name}` | {text} |")
+    return lines
+
+
+def _defense_params_table() -> list[str]:
+    from byztrain.aggregators import _PARAMS, _PRE_PARAMS
+    from byztrain.protocol.btard import PARAMS as BTARD_PARAMS
+
+    lines = ["## `defense.params` by defense", "", "One mapping feeds the rule and its pre-aggregators.", ""]
+    lines += ["| defense | parameter | accepted, default |", "|---|---|---|"]
+    lines += [f"| `btard` | `{k}` | {text} |" for k, text in BTARD_PARAMS.items()]
+    rules = [*_PARAMS.items(), *((f"pre: {k}", v) for k, v in _PRE_PARAMS.items())]
+    for name, spec in rules:
+        rows = [f"| `{name}` | `{k}` | {_kind_text(kind)}, default `{_default_text(d)}` |" for k, (kind, d) in spec.items()]
+        lines += rows or [f"| `{name}` | none | |"]
+    return lines
+
+
+def _kind_text(kind: Any) -> str:
+    if isinstance(kind, tuple):
+        return "one of " + ", ".join(f"`{k}`" for k in kind)
+    return {"int": "integer >= 1", "real>=0": "number >= 0", "real>0": "number > 0", "bool": "true or false"}.get(
+        kind, str(kind)
+    )
+

@@ -56,6 +56,7 @@ class AttackContext:
     active: tuple[int, ...]  # all active peers (honest and Byzantine)
     num_classes: int
     shared_generator: torch.Generator  # same seed for every attacker at this step: collusion
+    shared_random: int = 0  # r_{t-1}, the previous step's public shared randomness (step t's seeds, validators)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

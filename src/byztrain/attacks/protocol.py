@@ -1,18 +1,25 @@
 """Attacks on the BTARD protocol itself (`requires_defense = ("btard",)`); called by byztrain.protocol.
 
 On gradients these attackers behave honestly (combine with a gradient attack, e.g.
-`attack.name: "sign_flip+false_accusation"`, for both). Each misbehaviour is one the protocol is designed to
-catch: the attacker should be banned and no honest peer with it. None of these is simulated by the BTARD
-paper's code (its ResNet simulation has no Byzantine aggregators or false accusations); no peer library has
-protocol attacks. Random draws come from generators seeded by (run seed, step, peer), so runs replay exactly.
+`attack.name: "sign_flip+false_accusation"`, for both), except `validator_dodge`, which wraps one and
+applies it only when it expects no honest validator to check it. Each misbehaviour is one the protocol is
+designed to catch: the attacker should be banned and no honest peer with it. None of these is simulated by
+the BTARD paper's code (its ResNet simulation has no Byzantine aggregators or false accusations); no peer
+library has protocol attacks. Random draws come from generators seeded by (run seed, step, peer), so runs
+replay exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import torch
 
 from byztrain.attacks._util import check_choice, check_number, generator, unit_direction
-from byztrain.attacks.base import Attack, register
+from byztrain.attacks.base import ATTACKS, Attack, register
+from byztrain.protocol.mprng import xor_bytes
+from byztrain.protocol.validators import choose_validators
 
 BTARD = ("btard",)
 
@@ -165,3 +172,86 @@ class SelfCover(Attack):
         s = s.clone()
         s[jj] = -others / w[me]
         return s, d
+
+
+def guessed_secret(run_seed: int, step: int, peer: int, round_: int = 0, attempt: int = 0) -> bytes:
+    """The attacker's guess at a peer's MPRNG secret: sha256 of (run seed, step, peer, round, attempt), all
+    public. Right exactly when secrets are derived from public data this way, as byztrain's simulator once
+    derived them; wrong (a uniformly random guess) when each honest peer keys its secrets privately."""
+    blob = struct.pack("<qqqqq", run_seed, step, peer, round_, attempt)
+    return hashlib.sha256(b"byztrain/mprng-secret" + blob).digest()
+
+
+def predicted_shared_random(run_seed: int, step: int, participants) -> int:
+    """r_t as MPRNG would output it if every participant's secret were `guessed_secret` and the first
+    round of the first aggregation attempt went through (no ban before the reveal)."""
+    xor = xor_bytes([guessed_secret(run_seed, step, p) for p in sorted(participants)])
+    return int.from_bytes(xor[:8], "little")
+
+
+@register
+class ValidatorDodge(Attack):
+    """Apply the wrapped gradient or data attack `base` (default `sign_flip`) only at steps where no honest
+    validator will check this peer's gradient at the next step; send the honest gradient otherwise.
+
+    Variant: a validator-aware cheater, the adversary BTARD's validator draw must defeat. At step t, before
+    committing, it predicts r_t (which fixes step t+1's validators and targets) the only way public
+    information allows: it recomputes every active peer's MPRNG secret as if secrets were a function of
+    public data (`guessed_secret`: run seed, step, peer, round 0, attempt 0), XORs them, and runs the real
+    draw (`byztrain.protocol.validators.choose_validators`) for step t+1 with this step's workers (the active
+    peers minus step t's validators, drawn from the public r_{t-1}, `ctx.shared_random`). Byzantine
+    validators collude (`on_report`), so only an honest validator targeting it counts. Assumes the step
+    has no ban before the MPRNG (the attackers cause none) and m = `defense.validators`. Against
+    predictable secrets it is never caught; against private secrets its guess is independent of the real
+    draw, so it still cheats at most steps (about 90 % with 8 peers, 3 Byzantine) and is caught nearly as
+    fast as a plain cheater (docs/protocol.md, section 1.1). The wrapped attack's hooks
+    (`on_batch`, `on_gradient`, `omniscient`, `observe_true_gradient`) are delegated to an instance of it
+    with its default parameters.
+    """
+
+    name = "validator_dodge"
+    defaults = {"base": "sign_flip"}
+    requires_defense = BTARD
+
+    def __init__(self, params, config, peer):
+        super().__init__(params, config, peer)
+        self.base = ATTACKS[self.params["base"]]({}, config, peer)
+        self.is_omniscient = self.base.is_omniscient
+        self._decision: tuple[int, bool] | None = None  # (step, attack at that step)
+
+    def check_params(self):
+        base = self.params["base"]
+        cls = ATTACKS.get(base) if isinstance(base, str) else None
+        if cls is None or cls.requires_defense is not None:
+            accepted = ", ".join(sorted(n for n, c in ATTACKS.items() if c.requires_defense is None))
+            raise self.param_error("base", f"must be a gradient or data attack ({accepted}), got {base!r}")
+
+    def unchecked_next_step(self, ctx) -> bool:
+        """Whether, by the attacker's prediction of r_t, no honest validator targets it at step t+1."""
+        m = int(self.config.defense.validators)
+        active = list(ctx.active)
+        # Step t's validators come first in the draw and do not depend on the target candidates (only on
+        # whether a previous step exists, i.e. t > 1), so `active` stands in for step t-1's workers here.
+        now = choose_validators(ctx.shared_random, ctx.step, active, active if ctx.step > 1 else None, m)
+        sitting = {v for v, _ in now}
+        workers = [p for p in active if p not in sitting]
+        r_t = predicted_shared_random(ctx.run_seed, ctx.step, active)
+        following = choose_validators(r_t, ctx.step + 1, active, workers, m)
+        return not any(target == ctx.peer and v not in ctx.byzantine for v, target in following)
+
+    def attacks_now(self, ctx) -> bool:
+        if self._decision is None or self._decision[0] != ctx.step:
+            self._decision = (ctx.step, self.unchecked_next_step(ctx))
+        return self._decision[1]
+
+    def on_batch(self, x, y, ctx):
+        return self.base.on_batch(x, y, ctx) if self.attacks_now(ctx) else (x, y)
+
+    def on_gradient(self, g, ctx):
+        return self.base.on_gradient(g, ctx) if self.attacks_now(ctx) else g
+
+    def omniscient(self, honest, ctx):
+        return self.base.omniscient(honest, ctx) if self.attacks_now(ctx) else None
+
+    def observe_true_gradient(self, g, step):
+        self.base.observe_true_gradient(g, step)

@@ -19,10 +19,12 @@ examples:
 """
 
 REPORT_EPILOG = """\
-writes into DIR (or --out): results.csv, report.md, accuracy-*.png, bans*.png, cclip*.png
+a sweep folder: results.csv, report.md, accuracy-*.png, bans*.png, cclip*.png, and a table on the terminal
+one run folder: report.md, results.csv, accuracy.png, loss.png, peers.png, cclip.png (BTARD, cclip_ps), bans.png
 
-example:
+examples:
   byztrain report runs/demo
+  byztrain report runs/quickstart
 """
 
 
@@ -73,12 +75,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     from byztrain.experiments.report import make_report
 
     outputs = make_report(args.dir, out=args.out)
-    for path in outputs.files:
-        print(path)
+    print("\n".join(outputs.table))
+    print()
     print(
-        f"report: {outputs.runs} runs ({outputs.finished} finished, {outputs.unfinished} unfinished, "
-        f"{outputs.failed} failed) -> {outputs.report_md}"
+        f"{outputs.runs} run{'' if outputs.runs == 1 else 's'} ({outputs.finished} finished, {outputs.unfinished} unfinished, "
+        f"{outputs.failed} failed); the report, its figures and a row per run:"
     )
+    print(f"  {outputs.report_md}")
+    for path in outputs.figures:
+        print(f"  {path}")
+    print(f"  {outputs.results_csv}")
     return 0
 
 

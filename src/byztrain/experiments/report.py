@@ -1,6 +1,7 @@
 """`byztrain report DIR`: results.csv, report.md and PNG figures from the run folders below DIR.
 
-A run folder is any folder holding config.yaml and metrics.jsonl (README, Outputs); it is *finished* when it
+DIR may also be one run folder: then the report is that run's curves and ban timeline (run_report.py).
+A run folder is any folder holding config.yaml and metrics.jsonl (README.md, *Outputs*); it is *finished* when it
 also holds summary.json, *failed* when it holds error.txt (written by `byztrain sweep`), else *unfinished*
 (killed or still running: its metrics so far are used and it is marked as such).
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from byztrain.config import yaml_load
 
 # Keys that never label a run: where it logs, thread counts, data locations, the free-text name.
 IGNORED_KEYS = ("name", "log.", "runtime.threads", "runtime.timeout_s", "task.data_dir")
@@ -174,7 +175,7 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def load_run(path: Path, root: Path) -> RunData:
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = yaml_load((path / "config.yaml").read_text()) or {}
     summary = None
     if (path / "summary.json").exists():
         try:
@@ -599,6 +600,7 @@ class ReportOutputs:
     finished: int
     unfinished: int
     failed: int
+    table: list[str] = field(default_factory=list)  # what `byztrain report` prints: the outcome at a glance
 
     @property
     def files(self) -> list[Path]:
@@ -614,6 +616,10 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
+    from byztrain.experiments.run_report import is_run_folder, make_run_report  # imports this module
+
+    if is_run_folder(root):
+        return make_run_report(root, out)
     out = Path(out) if out is not None else root
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(root)
@@ -680,6 +686,55 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
         md.append("")
     report = out / "report.md"
     report.write_text("\n".join(md))
+    table = format_table(TERMINAL_HEADER, terminal_rows(runs))
     return ReportOutputs(
-        results, report, figures, len(runs), counts["finished"], counts["unfinished"], counts["failed"]
+        results, report, figures, len(runs), counts["finished"], counts["unfinished"], counts["failed"], table
     )
+
+
+# ---- the terminal summary of `byztrain report` -------------------------------------------------------------
+
+TERMINAL_HEADER = ("attack", "defense", "final accuracy", "attackers banned", "honest banned", "last attacker banned")
+
+
+def terminal_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
+    """One row per (attack, defense), seeds averaged: what `byztrain report` prints (and `make demo` ends with).
+    Without an attack every peer behaves honestly, so any ban counts as an honest peer banned."""
+    rows = []
+    for other, by_attack in sorted(group_runs(runs).items(), key=lambda kv: _natural(kv[0])):
+        for a in attack_order(by_attack):
+            for d in defense_order(by_attack[a]):
+                group = [r for r in by_attack[a][d] if r.finished] or by_attack[a][d]
+                label = f"{a} ({other})" if other else a
+                rows.append((label, d, _accuracy_text(by_attack[a][d]), *_ban_texts(group)))
+    return rows
+
+
+def _accuracy_text(runs: list[RunData]) -> str:
+    done = [100 * r.final_accuracy for r in runs if r.finished and r.final_accuracy is not None]
+    if not done:
+        return "unfinished"
+    m, sd = mean_std(done)
+    text = f"{m:.1f}%" + (f" ± {sd:.1f}" if len(done) > 1 else "")
+    return text + (" *" if len(done) < len(runs) else "")
+
+
+def _mean_text(values: list[float]) -> str:
+    m = statistics.fmean(values)
+    return f"{m:.0f}" if m == int(m) else f"{m:.1f}"
+
+
+def _ban_texts(runs: list[RunData]) -> tuple[str, str, str]:
+    if not runs[0].attack_on:
+        return "no attack", _mean_text([len(r.bans) for r in runs]), "-"
+    byz = int(runs[0].flat.get("byzantine", 0) or 0)
+    caught = [r.byzantine_banned or 0 for r in runs]
+    honest = _mean_text([r.honest_banned or 0 for r in runs])
+    if not all(c == byz for c in caught):
+        return f"{_mean_text(caught)} of {byz}", honest, "-" if not any(caught) else "not all"
+    return f"{byz} of {byz}", honest, "step " + _mean_text([r.last_byzantine_ban for r in runs])
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    return ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]

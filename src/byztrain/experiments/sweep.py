@@ -32,9 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
-import yaml
-
-from byztrain.config import Config, ConfigError, parse_override
+from byztrain.config import Config, ConfigError, parse_override, yaml_dump, yaml_load
 
 MAX_NAME_LENGTH = 150
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
@@ -182,7 +180,7 @@ def load_grid(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError("<file>", f"grid file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError("<file>", f"{path} must contain a YAML mapping, got {type(data).__name__}")
     return apply_grid_overrides(data, overrides)
@@ -453,7 +451,7 @@ def sweep(
         return result
     root.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(
-        root / "sweep.yaml", yaml.safe_dump({"runs": {p.name: p.params for p in points}}, sort_keys=False)
+        root / "sweep.yaml", yaml_dump({"runs": {p.name: p.params for p in points}})
     )
     jobs = max(1, min(jobs or default_jobs(), len(todo)))
     say(f"sweep: {len(todo)} runs to do ({len(result.skipped)} already finished) in {root}, {jobs} jobs")
@@ -498,9 +496,9 @@ def _run_pool(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from byztrain.runtime.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="sweep", unit="run", dynamic_ncols=True)
+        bar = progress_bar(len(todo), desc="sweep", unit="run", every_s=0)  # off a terminal: a line per run
     write = bar.write if bar is not None else say
 
     def record(p: GridPoint, rec: dict) -> None:
@@ -511,8 +509,10 @@ def _run_pool(
             result.failed.append((p, rec["error"]))
             write(f"FAILED {p.name}: {rec['error']} (see {run_dir / 'error.txt'})")
         if bar is not None:
+            post = {"last": p.name}
             if result.failed:
-                bar.set_postfix({"failed": len(result.failed)}, refresh=False)
+                post["failed"] = len(result.failed)
+            bar.set_postfix(post, refresh=False)
             bar.update(1)
 
     if not isolate:  # in this process, one after the other (debugging, tests)

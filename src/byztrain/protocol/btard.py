@@ -47,7 +47,7 @@ from byztrain.protocol.bans import (
     rows_finite,
 )
 from byztrain.protocol.commitments import DigestCache, is_commitment_list
-from byztrain.protocol.mprng import run_mprng, simulated_secret
+from byztrain.protocol.mprng import run_mprng
 from byztrain.protocol.partition import Layout, layout_for
 from byztrain.protocol.validators import choose_validators
 from byztrain.protocol.verification import (
@@ -81,7 +81,7 @@ PARAMS = {
     "check_rtol": "relative tolerance of the projected fixed-point check; default 10 * (cclip_tol + (n+2) 2^-24)",
     "check_projections": "number q of random directions z per check (default 3)",
     "scalar_rtol": "relative tolerance when an aggregator re-derives s_ij, d_ij (default 1e-8)",
-    "scalar_bound": "a scalar |s_ij| above this many d_ij sends its partition to a dispute (default 7)",
+    "scalar_bound": "a scalar s_ij larger in magnitude than this many d_ij sends its partition to a dispute (default 7)",
     "median_bound": "a partition whose median s_ij is this many times the rows' spread off 0 goes to a "
     "dispute (default 8)",
     "median": "CenteredClip start for even n: lower (default, as torch.median), upper or average",
@@ -412,12 +412,11 @@ class BtardDefense(Defense):
 
     # ---- 6. MPRNG: r_t, drawn only now that every aggregate is public ------------------------------
     def _mprng(self, rnd: Round, a: Attempt) -> None:
-        seed, step = self.config.seed, rnd.step
         res = run_mprng(
             rnd.comm,
-            step,
+            rnd.step,
             _participants(rnd),
-            secret=lambda peer, rd: simulated_secret(seed, step, peer, rd, salt=a.index),
+            secret=lambda peer, rd: rnd.mprng_secret(peer, rd, a.index),
             reveal=lambda peer, secret: rnd.tamper(peer, "on_mprng_reveal", secret, secret),
             on_ban=lambda peer, why: rnd.ban(peer, why),
         )
@@ -525,7 +524,9 @@ class BtardDefense(Defense):
             f"a scalar |s_ij| > {self.scalar_bound:g} d_ij": implausible(S, D, self.scalar_bound),
         }
         if a.n >= MEDIAN_RULE_MIN_ROWS:
-            reasons[f"median s_ij > {self.median_bound:g} x spread"] = off_centre(S, self.median_bound)
+            reasons[f"median s_ij > {self.median_bound:g} x (spread + tau b/(n-b))"] = off_centre(
+                S, self.median_bound, self.tau
+            )
         mass = (W[..., None] * S.abs()).sum(dim=0)
         a.stats.update(
             check_residual_max=float(rel.max()),
@@ -618,7 +619,7 @@ class BtardDefense(Defense):
                 if rnd.is_banned(p):
                     break
                 if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and is_peer_id(entry[0])
-                        and entry[2] in records):
+                        and is_peer_id(entry[2]) and entry[2] in records):
                     rnd.ban(p, "malformed accusation")
                     break
                 accused, why, step = entry

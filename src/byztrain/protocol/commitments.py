@@ -9,7 +9,10 @@ host's byte order: `canonical_bytes` normalises all three.
 pointer, length, dtype and autograd version counter (bumped by every in-place write to it or to any view
 of its storage), and the cache holds a reference so the memory cannot be reused while cached. In the
 simulator a receiver's part is the very tensor the sender hashed, so the receiver's check costs a
-dictionary lookup; in the distributed runtime received tensors are fresh objects and get hashed.
+dictionary lookup; in the distributed runtime received tensors are fresh objects and get hashed. The memo is
+sound only because no one rewrites a memoised tensor behind the version counter (through `.data`): honest
+code does not, and attack hooks never hold the protocol's tensors (`Round.tamper` hands them copies and
+copies what they return, so a Byzantine sender's parts are fresh tensors that get hashed).
 
 Hashing many parts (`digest_many`, `DigestCache.digest_many`) spreads them over `torch.get_num_threads()`
 threads: `hashlib` releases the GIL while it hashes a buffer, so sha256 runs on several cores at once. A

@@ -12,14 +12,18 @@ peer (all of these are seen identically by every peer on the broadcast channel, 
 and the round is rerun without it, with *fresh* secrets (reusing a revealed secret would let the
 attackers steer the rerun). Each rerun costs the attackers a peer, so there are at most b reruns in a run.
 
-Secrets: a deployment draws them from `os.urandom`. The simulator derives them from the run seed with a
-hash (`simulated_secret`) so runs are reproducible; no attack hook receives another peer's secret, so this
-changes nothing an attacker in the simulator can do.
+Secrets: every peer keys its secrets with a private 32-byte key, x_p = HMAC-SHA256(key_p, TAG ||
+step || round || attempt) (`secret_from_key`): fresh for every round and aggregation attempt, and
+unpredictable to anyone without key_p, so r_t is unknown until the last honest reveal. In byztrain the
+peers' keys come from one per-run master key (`peer_key`: key_p = HMAC-SHA256(master, TAG || p)), kept in
+the run folder and never handed to an attack hook, so a run replays exactly from its folder
+(docs/protocol.md, "Where honest secrets come from").
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +32,9 @@ from byztrain.comm import Collective
 
 TAG = b"byztrain/mprng/v1"
 SECRET_BYTES = 32
+KEY_BYTES = 32
+PEER_KEY_TAG = b"byztrain/mprng-peer-key/v1"
+SECRET_TAG = b"byztrain/mprng-secret/v2"
 
 
 def commitment(step: int, peer: int, secret: bytes) -> bytes:
@@ -35,11 +42,15 @@ def commitment(step: int, peer: int, secret: bytes) -> bytes:
     return hashlib.sha256(TAG + struct.pack("<qq", step, peer) + bytes(secret)).digest()
 
 
-def simulated_secret(run_seed: int, step: int, peer: int, round_: int, salt: int = 0) -> bytes:
-    """Reproducible stand-in for os.urandom(32) in the simulator (fresh per step, peer, round, salt)."""
-    return hashlib.sha256(
-        b"byztrain/mprng-secret" + struct.pack("<qqqqq", run_seed, step, peer, round_, salt)
-    ).digest()
+def peer_key(master: bytes, peer: int) -> bytes:
+    """Peer `peer`'s private MPRNG key derived from the run's master key: HMAC-SHA256(master, tag || peer)."""
+    return hmac.new(bytes(master), PEER_KEY_TAG + struct.pack("<q", peer), hashlib.sha256).digest()
+
+
+def secret_from_key(key: bytes, step: int, round_: int, attempt: int) -> bytes:
+    """A peer's MPRNG secret for (step, round, aggregation attempt): HMAC-SHA256 under its private key."""
+    blob = SECRET_TAG + struct.pack("<qqq", step, round_, attempt)
+    return hmac.new(bytes(key), blob, hashlib.sha256).digest()
 
 
 def xor_bytes(values: list[bytes]) -> bytes:

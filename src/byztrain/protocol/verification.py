@@ -91,21 +91,25 @@ def default_check_rtol(cclip_tol: float, n: int) -> float:
     return 10.0 * (cclip_tol + (n + 2) * 2.0**-24)
 
 
-def off_centre(s: torch.Tensor, bound: float) -> torch.Tensor:
-    """(P,) bool: is the median over rows of s_ij^l farther than `bound` x the rows' spread from 0, for
-    some direction l? s: (n, P, q).
+def off_centre(s: torch.Tensor, bound: float, tau: float) -> torch.Tensor:
+    """(P,) bool: is the median over rows of s_ij^l off centre by more than `bound` x (the rows' spread +
+    tau * b/(n - b)) for some direction l? s: (n, P, q); b = ceil(n/2) - 1, the most rows that can lie
+    while the honest rows are a majority.
 
     s_ij^l - s_kj^l = <z^l, g_i[j] - g_k[j]> does not depend on ĝ[j], while a shift delta of ĝ[j] moves
     every s_ij^l by -<z^l, delta>: the median moves, the spread does not. The median (the mean of the two
-    middle rows for even n) and the spread (the (n - b)-th smallest distance to it, b = ceil(n/2) - 1 the
-    most rows that can lie with an honest majority) stay within the honest rows' values whatever the
-    liars report, so this bounds a cheat covered by colluding liars by the honest spread.
+    middle rows for even n) and the spread (the (n - b)-th smallest distance to it) stay within the
+    honest rows' values whatever the liars report. Their honest offset from a true CenteredClip output is
+    bounded too: b far rows pull it by at most about tau * b/(n - b) when the honest rows are within tau,
+    and by about the honest spread when they are clipped; that is what the two terms allow. So a cheat
+    covered by colluding liars is bounded by O(tau + honest spread), the pull CenteredClip concedes anyway.
     """
     n = s.shape[0]
+    b = (n + 1) // 2 - 1
     srt = s.sort(dim=0).values
     med = (srt[(n - 1) // 2] + srt[n // 2]) / 2  # (P, q)
-    spread = (s - med).abs().sort(dim=0).values[n - ((n + 1) // 2 - 1) - 1]
-    return (med.abs() > bound * spread).any(dim=1)
+    spread = (s - med).abs().sort(dim=0).values[n - b - 1]
+    return (med.abs() > bound * (spread + tau * b / (n - b))).any(dim=1)
 
 
 def implausible(s: torch.Tensor, d: torch.Tensor, bound: float) -> torch.Tensor:

@@ -26,6 +26,12 @@ Faults (docs/distributed.md has the full table):
   function of the common state), the writer flushes the metrics and keeps a checkpoint, every process still
   in the run exits with EXIT_MAJORITY_LOST and `run_distributed` raises `HonestMajorityLost` with the
   reason. A resume stops again at once: the run cannot go on.
+
+MPRNG keys (runtime/keyfile.py): the local launcher creates the run folder's `mprng.key` before spawning
+and every rank reads it, so a run replays exactly, matches the simulator given the same key file, and
+resumes bit for bit. Under torchrun a rank reads the run folder's key file if its host has one (copy the
+same file to every host for a reproducible run); otherwise it draws its own key from os.urandom, as a
+deployment peer would: the run is then not reproducible, and a resumed run continues with fresh keys.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ import torch.distributed as dist
 from byztrain.comm import PeerExcluded
 from byztrain.comm.torch_dist import TorchCollective
 from byztrain.config import Config, ConfigError
+from byztrain.protocol.mprng import KEY_BYTES
 from byztrain.runtime import checkpoint as ckpt
+from byztrain.runtime.keyfile import ensure_key, read_key
 from byztrain.runtime.majority import HonestMajorityLost
 from byztrain.runtime.outputs import RunWriter
 from byztrain.runtime.trainer import Trainer
@@ -72,8 +80,15 @@ class _Stop(Exception):
 class DistributedTrainer(Trainer):
     """A Trainer hosting one peer; only the telemetry and checkpoint plumbing differ (see Trainer)."""
 
-    def __init__(self, config: Config, comm: TorchCollective, writer: RunWriter | None, progress: bool):
-        super().__init__(config, comm=comm, writer=writer, progress=progress)
+    def __init__(
+        self,
+        config: Config,
+        comm: TorchCollective,
+        writer: RunWriter | None,
+        progress: bool,
+        secret_key: bytes | None = None,
+    ):
+        super().__init__(config, comm=comm, writer=writer, progress=progress, secret_key=secret_key)
         self.rank = comm.rank
         self.evaluates = self.rank == WRITER
         self.final_checkpoint = True  # the final parameters are only in the checkpoint
@@ -209,6 +224,17 @@ def _start_state(comm: TorchCollective, config: Config, resume: bool):
     return msg, info
 
 
+def _rank_key(config: Config, launched: bool) -> bytes:
+    """This rank's MPRNG master key: the run folder's key file; under torchrun, where this host may have
+    none, a fresh os.urandom key of its own (only its own peer's key is derived from it)."""
+    key = read_key(config.out_dir)
+    if key is not None:
+        return key
+    if not launched:
+        raise RuntimeError(f"the launcher created no MPRNG key file in {config.out_dir}")
+    return os.urandom(KEY_BYTES)
+
+
 def _connect_timeout(config: Config) -> timedelta:
     """Start-up (importing torch and loading data in every process, then the rendezvous) can take minutes
     on a loaded machine: at least 5 minutes, or runtime.timeout_s if longer."""
@@ -222,7 +248,8 @@ def _rank_main(config: Config, rank: int, world: int, store, progress: bool, res
     # The process-group timeout bounds start-up (the rendezvous, connecting the mesh) only: the Collective
     # waits with its own deadline (runtime.timeout_s) and passes gloo an explicit NO_TIMEOUT.
     connect = _connect_timeout(config)
-    if store is None:  # torchrun / env://
+    launched = store is None
+    if launched:  # torchrun / env://
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
         base = dist.TCPStore(
             os.environ["MASTER_ADDR"],
@@ -246,7 +273,8 @@ def _rank_main(config: Config, rank: int, world: int, store, progress: bool, res
         writer = RunWriter(config, config.out_dir, resume=msg["kind"] == "resume")
     code, summary = 0, None
     try:
-        trainer = DistributedTrainer(config, comm, writer, progress and rank == WRITER)
+        key = _rank_key(config, launched=launched)
+        trainer = DistributedTrainer(config, comm, writer, progress and rank == WRITER, secret_key=key)
         if msg["kind"] == "resume":
             trainer.load_state(ckpt.from_bytes(msg["common"]), {rank: msg["attack"]} if msg["attack"] else {})
             if writer is not None:
@@ -352,6 +380,7 @@ def _run_local(config: Config, progress: bool, resume: bool) -> dict:
     run_dir = Path(config.out_dir)
     if resume:
         ckpt.resume_plan(config, run_dir)  # fail here, with the message, rather than in every child
+    ensure_key(run_dir)  # before any rank starts: they all read it
     store = dist.TCPStore(
         "127.0.0.1",
         0,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +12,7 @@ from byztrain.attacks import Attack, AttackContext
 from byztrain.comm import Collective
 from byztrain.config import Config
 from byztrain.protocol.bans import MALFORMED
+from byztrain.protocol.mprng import secret_from_key
 from byztrain.runtime.workload import Workload, public_seed
 
 
@@ -40,6 +41,8 @@ class Round:
     emit: Callable[..., None]  # emit(type, peer=None, by=None, reason="", **extra) -> events.jsonl
     losses: dict[int, float] = field(default_factory=dict)  # honest peers' training losses this step
     banned_now: dict[int, str] = field(default_factory=dict)  # peer -> reason, banned during this step
+    # private MPRNG keys of the peers hosted here; never part of an AttackContext
+    peer_keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
 
     # ---- seeds and contexts -----------------------------------------------------------------
     def seed(self, peer: int, step: int | None = None) -> int:
@@ -48,6 +51,14 @@ class Round:
         if self.previous is not None and step == self.previous.step:
             return public_seed(self.config.seed, step, peer, self.previous.shared_random)
         raise ValueError(f"no seed record for step {step} at step {self.step}")
+
+    def mprng_secret(self, peer: int, round_: int, attempt: int) -> bytes:
+        """`peer`'s MPRNG secret for round `round_` of aggregation attempt `attempt` of this step, keyed by its
+        private key: nobody without the key can predict it (byztrain.protocol.mprng)."""
+        key = self.peer_keys.get(peer)
+        if key is None:
+            raise RuntimeError(f"no MPRNG key for peer {peer} in this process")
+        return secret_from_key(key, self.step, round_, attempt)
 
     def attack(self, peer: int) -> Attack | None:
         """The attack `peer` runs this step, or None when it behaves honestly."""
@@ -65,6 +76,7 @@ class Round:
             active=tuple(self.active),
             num_classes=self.workload.num_classes,
             shared_generator=gen,
+            shared_random=self.shared_random,
         )
 
     def tamper(self, peer: int, hook: str, honest, *args, extra: dict | None = None):

@@ -8,6 +8,7 @@ import torch
 
 from byztrain.config import Config
 from byztrain.runtime import checkpoint as ckpt
+from byztrain.runtime.keyfile import ensure_key
 from byztrain.runtime.outputs import RunWriter
 from byztrain.runtime.trainer import Trainer
 
@@ -16,7 +17,8 @@ def run_simulated(
     config: Config, *, progress: bool = True, out_dir: Path | None = None, resume: bool = False
 ) -> dict:
     """Run `config` in this process. `resume`: continue from the run folder's checkpoint (if any; a finished
-    run returns its summary; without a checkpoint the run starts over)."""
+    run returns its summary; without a checkpoint the run starts over). The MPRNG key is the run folder's
+    `mprng.key`, created on the first start there (runtime/keyfile.py)."""
     run_dir = Path(out_dir) if out_dir is not None else config.out_dir
     info = None
     if resume:  # before the thread count is set: a refused resume leaves the caller's threads alone
@@ -31,7 +33,7 @@ def run_simulated(
         torch.set_num_threads(threads)
     writer = RunWriter(config, run_dir, resume=info is not None)
     try:
-        trainer = Trainer(config, writer=writer, progress=progress)
+        trainer = Trainer(config, writer=writer, progress=progress, secret_key=ensure_key(run_dir))
         if info is not None:
             common, attacks = ckpt.read(info)
             trainer.load_state(ckpt.from_bytes(common), attacks)

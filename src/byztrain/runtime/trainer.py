@@ -8,6 +8,7 @@ stop a process whose peer was banned, and to route checkpoint files through rank
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from byztrain.attacks import Attack, attack_active, build_attack
 from byztrain.comm import Collective, LocalCollective
 from byztrain.config import Config
 from byztrain.defenses import Defense, build_defense
+from byztrain.protocol.mprng import KEY_BYTES, peer_key
 from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime import majority
 from byztrain.runtime.outputs import RunWriter
@@ -48,11 +50,20 @@ class Trainer:
         comm: Collective | None = None,
         writer: RunWriter | None = None,
         progress: bool = True,
+        secret_key: bytes | None = None,
     ):
+        """`secret_key`: the run's 32-byte MPRNG master key (the runtimes pass the run folder's key file);
+        None draws one from os.urandom, so such a run's shared randomness does not replay."""
+        if secret_key is None:
+            secret_key = os.urandom(KEY_BYTES)
+        if not isinstance(secret_key, (bytes, bytearray)) or len(secret_key) != KEY_BYTES:
+            raise ValueError(f"secret_key must be {KEY_BYTES} bytes, got {type(secret_key).__name__}")
         self.config = config
         self.device = torch.device(config.runtime.device)
         self.workload = Workload(config, self.device)
         self.comm = comm or LocalCollective(list(range(config.peers)))
+        # only the hosted peers' keys are kept (a deployment peer holds its own key, nobody else's)
+        self._peer_keys = {p: peer_key(secret_key, p) for p in self.comm.local_peers}
         self.writer = writer
         self.progress = progress
         self.byzantine = choose_byzantine(config)
@@ -115,6 +126,7 @@ class Trainer:
             shared_random=self.shared_random,
             previous=self.previous,
             emit=self._emit,
+            peer_keys=self._peer_keys,
         )
 
     def train_step(self) -> dict:
@@ -189,10 +201,9 @@ class Trainer:
         started = time.perf_counter() - self.elapsed_before
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
+            from byztrain.runtime.progress import progress_bar  # tqdm on a terminal, plain lines elsewhere
 
-            bar = tqdm(total=cfg.train.steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True,
-                       leave=True)
+            bar = progress_bar(cfg.train.steps, initial=self.step, desc=cfg.name, unit="step")
         if self.step == 0:
             self._log({"step": 0, **self.evaluate(), "active_peers": len(self.active), "banned": []}, started)
         while self.step < cfg.train.steps:
@@ -215,8 +226,7 @@ class Trainer:
                     post = {"loss": f"{merged.get('train_loss', float('nan')):.3f}"}
                     if self.test_accuracy is not None:
                         post["acc"] = f"{self.test_accuracy:.3f}"
-                    if self.banned:
-                        post["banned"] = len(self.banned)
+                    post["banned"] = len(self.banned)
                     bar.set_postfix(post, refresh=False)
             if is_ckpt:
                 self.save_checkpoint(time.perf_counter() - started)
