@@ -466,13 +466,16 @@ class BtardDefense(Defense):
         P = a.layout.parts
         shared = sorted(derived)
         others = [jj for jj in range(P) if jj not in derived]
+        if shared:
+            S_loc = torch.stack([derived[jj][0] for jj in shared], dim=1)  # (n, |shared|, q)
+            D_loc = torch.stack([derived[jj][1] for jj in shared], dim=1)  # (n, |shared|)
         out = {}
         for p, parts in a.my_parts.items():
             r = a.workers.index(p)
             s = torch.empty(P, self.q, dtype=torch.float64, device=device)
             d = torch.empty(P, dtype=torch.float64, device=device)
-            for jj in shared:
-                s[jj], d[jj] = derived[jj][0][r], derived[jj][1][r]
+            if shared:
+                s[shared], d[shared] = S_loc[r], D_loc[r]
             if others:
                 s[others], d[others] = peer_scalars(
                     torch.stack([parts[jj] for jj in others]), a.record.ghat[others], z64[:, others]
