@@ -1,7 +1,7 @@
 """MPRNG: shared randomness by commit-reveal among the active peers.
 
 Round: every participant p draws a 32-byte secret x_p and broadcasts c_p = sha256(TAG || step || p || x_p)
-(the commitment is bound to the step and the sender, pitfall 7: a Byzantine peer that copies an honest
+(the commitment is bound to the step and the sender: a Byzantine peer that copies an honest
 peer's commitment cannot open it, because its own opening hashes with its own id); barrier; every
 participant reveals x_p; everyone checks sha256(TAG || step || p || x_p) == c_p. The output is
 r = XOR of all reveals, uniform as long as one participant is honest: every commitment is fixed before
