@@ -10,18 +10,21 @@ computed in float64 from the exact float32 parts it committed to. Everyone check
 direction l, that the weighted sum R_j^l = sum_i min(1, tau / d_ij) * s_ij^l is ~0: at an exact
 CenteredClip fixed point v*, sum_i min(1, tau/||g_i - v*||) (g_i - v*) = 0, so its projection on any
 direction is 0. Aggregator j re-derives (s_ij, d_ij) from the parts it received and accuses peers whose
-broadcast scalars differ (`scalars_agree`); a failing sum that no proven liar explains convicts j.
+broadcast scalars differ (`scalars_agree`); everyone re-derives the aggregator's own row from the part it
+revealed. A partition failing a test below goes to a dispute (byztrain.protocol.btard), never straight
+to a ban.
 
-Tolerances (both documented in docs/protocol.md):
+Tests and tolerances (docs/protocol.md, sections 0 and 4.3, has the bounds and their measurements):
 
-- Sum check: |R_j^l| <= check_rtol * n_j * (||ĝ[j]|| + tau). CenteredClip stops when its step satisfies
-  ||step|| <= cclip_tol * (||v|| + tau); the fixed-point residual sum_i w_i (g_i - v) at the output is n
-  times the *next* step, so its norm is about n * cclip_tol * (||ĝ|| + tau) or less, and its projection on
-  a standard Gaussian direction is N(0, ||residual||^2). check_rtol = 10 * cclip_tol by default leaves a
-  10-sigma margin for honest aggregators. It is also the cheater's slack: an error delta in ĝ[j] shifts
-  R by about W' <z, delta> (W' <= n, the clip-derivative weight), so an aggregator escapes one direction
-  with probability ~0.8 * check_rtol * n * (||ĝ[j]|| + tau) / (W' ||delta||) and all q directions with
-  that to the power q.
+- Weighted sum: |R_j^l| <= check_rtol * sum_i min(d_ij, tau) (`clip_mass`, at most n * tau whatever anyone
+  publishes). CenteredClip stops at ||r(v)|| <= cclip_tol * sum_i min(d_i, tau), and <z, r> ~ N(0, ||r||^2),
+  so `default_check_rtol` = 10 x (cclip_tol + the float32 evaluation error) leaves ten standard deviations.
+  A cheat delta shifts R by about <z, J delta>: it escapes a direction with probability about
+  0.8 * check_rtol * sum_i min(d_ij, tau) / ||J delta||, and the check with that to the power q.
+- Plausibility (`implausible`): |s_ij^l| <= bound * d_ij, which every honest row meets but with odds 2.6e-12
+  at bound 7; it caps what a lying row can add to R_j at 7 * tau.
+- Median rule (`off_centre`): bounds a cheat covered by colluding liars by the honest spread plus the pull
+  CenteredClip concedes to b far rows.
 - Scalar agreement: |s_rep - s_re| <= scalar_rtol * ||z[j]|| * d_ij and |d_rep - d_re| <= scalar_rtol *
   d_ij. Both sides compute from the same float32 bytes (the differences are exact in float64), so only the
   float64 summation order differs: error <= k * 2^-53 * ||z|| * d, far below the default 1e-8.
