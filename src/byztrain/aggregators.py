@@ -1385,13 +1385,16 @@ def build_aggregator(
             ),
             with_stats=True,
         )
-    # cclip_ps
+    return _bind_cclip_ps(name, n, tau, p, params or {})
+
+
+def _bind_cclip_ps(name: str, n: int, tau: float, p: dict, given: dict) -> BoundAggregator:
+    """CenteredClip on a trusted server with its bound parameters ``p`` (``given``: as the user wrote them)."""
     ok_tau = isinstance(tau, numbers.Real) and not isinstance(tau, bool) and not math.isnan(tau) and tau > 0
-    need(ok_tau, "defense.tau", f"must be > 0, got {tau!r}")
+    _need(ok_tau, "defense.tau", f"must be > 0, got {tau!r}")
     tol, max_iters = p["tol"], p["max_iters"]
     if p["iters"] is not None:
-        given = params or {}
-        need(
+        _need(
             "tol" not in given and "max_iters" not in given,
             "defense.params.iters",
             "fixes the iteration count; do not combine it with tol or max_iters",
