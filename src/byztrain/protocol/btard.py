@@ -70,8 +70,9 @@ if TYPE_CHECKING:
 MEDIANS = ("lower", "upper", "average")
 #: smallest tau btard accepts: float32 clip weights tau / d stay normal numbers for any part norm we meet
 MIN_TAU = 1e-20
-#: the median rule needs this many workers: below, the honest rows' spread is too noisy (an honest
-#: partition of 6 rows exceeds median_bound = 8 in 2e-4 of directions, of 8 rows in none of 30,000)
+#: the median rule needs this many workers: below, the honest rows' spread is too noisy (simulated honest
+#: partitions of 6 rows exceeded median_bound = 8 in 3e-4 of 30,000 directions, of 8 rows in none; measured
+#: without the tau term, which only lowers these)
 MEDIAN_RULE_MIN_ROWS = 8
 #: smallest cclip_tol: the stopping rule is evaluated in float32 (resolution 2^-23)
 MIN_CCLIP_TOL = 1e-7
