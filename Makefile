@@ -63,9 +63,11 @@ quickstart: setup
 test: setup-dev
 	$(VENV)/bin/pytest -q
 
-# docs/config.md is generated from the config dataclasses (tests/test_config_doc.py checks it is current).
+# docs/config.md is generated from the config dataclasses, and the registry tables in docs/*.md (between
+# <!-- registry:KIND --> markers) from the registries; tests/test_config_doc.py checks both are current.
 docs: setup
 	$(PY) -c 'import pathlib; from byztrain.config import config_reference; pathlib.Path("docs/config.md").write_text(config_reference())'
+	$(PY) -c 'import pathlib; from byztrain.listing import generated_docs; [p.write_text(t) for p, t in generated_docs(pathlib.Path(".")).items()]'
 
 lint: setup-dev
 	$(VENV)/bin/ruff check src tests benchmarks

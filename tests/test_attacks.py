@@ -37,7 +37,7 @@ def ctx(step=1, peer=1, active=tuple(range(N)), byzantine=BYZ, num_classes=10, s
 
 def make(name, params=None, peer=1, train=None, **window):
     cfg = Config.from_dict({"byzantine": 7, "attack": {"name": name, **window}, "train": train or {}})
-    return ATTACKS[name](dict(params or {}), cfg, peer)
+    return ATTACKS[name].obj(dict(params or {}), cfg, peer)
 
 
 def honest_grads(h=9, d=50, seed=0):
@@ -282,7 +282,7 @@ def test_omniscient_attackers_collude_on_one_vector(name):
     h = honest_grads()
     vs = [make(name, peer=p).omniscient(h, ctx(peer=p, honest_peers=HONEST)) for p in BYZ]
     assert all(torch.equal(vs[0], v) for v in vs[1:])
-    assert ATTACKS[name].is_omniscient
+    assert ATTACKS[name].obj.is_omniscient
 
 
 # ---- protocol attacks ---------------------------------------------------------------------------
@@ -290,12 +290,12 @@ def test_omniscient_attackers_collude_on_one_vector(name):
 
 def proto(name, params=None, peer=1):
     cfg = Config.from_dict({"byzantine": 7, "defense": {"name": "btard"}, "attack": {"name": name}})
-    return ATTACKS[name](dict(params or {}), cfg, peer)
+    return ATTACKS[name].obj(dict(params or {}), cfg, peer)
 
 
 def test_protocol_attacks_need_btard():
     for name in ("bad_aggregation", "false_accusation", "lie_in_check", "mprng_withhold", "silent"):
-        assert ATTACKS[name].requires_defense == ("btard",)
+        assert ATTACKS[name].obj.requires_defense == ("btard",)
         with pytest.raises(ConfigError) as e:
             Config.from_dict({"byzantine": 7, "attack": {"name": name}})
         assert e.value.field == "attack.name"

@@ -39,4 +39,4 @@ def test_reference_lists_every_key_with_its_default_and_choices():
     row = next(line for line in text.splitlines() if line.startswith("| `defense.name` |"))
     for name in ("mean", "btard", "krum", "cclip_ps"):
         assert f"`{name}`" in row
-    assert "| `sign_flip` | `scale: -1000` |" in text
+    assert "| `sign_flip` | `scale` | a finite number | `-1000` | factor on the true gradient |" in text

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -264,16 +263,14 @@ def test_a_failing_run_is_reported_without_stopping_the_sweep(tmp_path):
 
 
 def test_cli_sweep_exit_code_nonzero_when_a_run_failed(tmp_path, monkeypatch, capsys):
-    import byztrain.experiments.sweep  # noqa: F401
     from byztrain import cli
-
-    sweep_mod = sys.modules["byztrain.experiments.sweep"]
+    from byztrain.experiments import cli as experiments_cli
 
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(grid(train__lr=[0.05, 0.123]), sort_keys=False))
-    real = sweep_mod.sweep
+    real = experiments_cli.sweep
     monkeypatch.setattr(
-        sweep_mod, "sweep", lambda *a, **k: real(*a, **{**k, "runner": fake_runner, "isolate": False})
+        experiments_cli, "sweep", lambda *a, **k: real(*a, **{**k, "runner": fake_runner, "isolate": False})
     )
     assert cli.main(["sweep", str(path), "--out", str(tmp_path / "o"), "--jobs", "1", "--no-progress"]) == 1
     assert "1 failed" in capsys.readouterr().out

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from byztrain.config import Config
+from byztrain.runtime.distributed import run_distributed
+from byztrain.runtime.simulated import run_simulated
 
 
 def run(
@@ -29,9 +31,5 @@ def run(
     else:
         config = config.with_overrides(overrides) if overrides else config.validate()
     if config.runtime.kind == "distributed":
-        from byztrain.runtime.distributed import run_distributed
-
         return run_distributed(config, progress=not quiet, resume=resume)
-    from byztrain.runtime.simulated import run_simulated
-
     return run_simulated(config, progress=not quiet, resume=resume)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from byztrain.config import Config
+from byztrain.runtime.trainer import Trainer
 
 
 def _config(peers: int, defense: str, *, byzantine: int = 0, attack: str = "none", batch: int = 32,
@@ -41,8 +42,6 @@ def _config(peers: int, defense: str, *, byzantine: int = 0, attack: str = "none
 
 
 def _trainer(config: Config):
-    from byztrain.runtime.trainer import Trainer
-
     return Trainer(config, writer=None, progress=False)
 
 

@@ -6,6 +6,16 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
+
+from byztrain import bench
+from byztrain.api import run
+from byztrain.config import Config, ConfigError, split_config_and_overrides
+from byztrain.experiments import cli as experiments_cli
+from byztrain.listing import render
+from byztrain.registry import KINDS
+from byztrain.runtime.majority import HonestMajorityLost
+from byztrain.runtime.progress import format_duration
 
 EXAMPLES = """\
 examples:
@@ -18,31 +28,15 @@ examples:
   byztrain sweep experiments/demo.yaml --jobs 2  # a grid: every list-valued key expands
   byztrain report runs/demo                      # a sweep: outcome table, report.md, figures, results.csv
   byztrain report runs/quickstart                # one run: its curves and ban timeline
+  byztrain list aggregators                      # every rule with its parameters and reference
   byztrain bench --json                          # performance ratios
 
 Any config key can be set as key=value (dotted for sections); see docs/config.md.
 """
 
 
-def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    config_path = None
-    overrides = []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif config_path is None:
-            config_path = item
-        else:
-            raise SystemExit(f"error: more than one config file given ({config_path!r}, {item!r})")
-    return config_path, overrides
-
-
 def _load_config(items: list[str], out: str | None, resume: bool = False):
-    from pathlib import Path
-
-    from byztrain.config import Config
-
-    path, overrides = _split_config_and_overrides(items)
+    path, overrides = split_config_and_overrides(items)
     if out:
         overrides.append(f"log.out={out}")
     if path is None:
@@ -55,9 +49,13 @@ def _load_config(items: list[str], out: str | None, resume: bool = False):
     return Config.load(path, overrides)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from byztrain.api import run
+def cmd_list(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else list(KINDS)
+    print("\n\n".join(render(k) for k in kinds))
+    return 0
 
+
+def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args.items, args.out, args.resume)
     summary = run(config, quiet=args.quiet, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":
@@ -71,8 +69,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def outcome(config, summary: dict) -> str:
     """What happened in a finished run, for the end of `byztrain run`: accuracy, bans, where the files are."""
-    from byztrain.runtime.progress import format_duration
-
     acc, best = summary.get("final_test_accuracy"), summary.get("best_test_accuracy")
     rows = [("final test accuracy", "n/a" if acc is None else f"{100 * acc:.1f}% (best {100 * best:.1f}%)")]
     byzantine = [int(p) for p in summary.get("byzantine_peers", [])]
@@ -123,20 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
-    _register_optional_commands(sub)
+    p = sub.add_parser(
+        "list",
+        help="list the aggregators, attacks, datasets, ... with their parameters",
+        description="List every registered plugin of a kind with its parameters, defaults, preconditions and "
+        "reference. Without KIND: every kind.",
+    )
+    p.add_argument("kind", nargs="?", choices=list(KINDS), metavar="KIND", help=f"one of: {', '.join(KINDS)}")
+    p.set_defaults(func=cmd_list)
+
+    experiments_cli.register(sub)  # sweep, report
+    bench.register(sub)
     return parser
-
-
-def _register_optional_commands(sub) -> None:
-    """Commands living in other modules register themselves here (sweep, report, bench)."""
-    for module_name in ("byztrain.experiments.cli", "byztrain.bench"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        module.register(sub)
 
 
 #: exit code of a run stopped because its honest majority was lost (byztrain.runtime.majority)
@@ -144,9 +138,6 @@ EXIT_MAJORITY_LOST = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    from byztrain.config import ConfigError
-    from byztrain.runtime.majority import HonestMajorityLost
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -19,13 +19,21 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from byztrain.errors import ConfigError
+from byztrain.listing import default_text, params_table
+from byztrain.registry import (
+    AGGREGATORS,
+    ATTACKS,
+    DATASETS,
+    DEFENSES,
+    MODELS,
+    PRE_AGGREGATORS,
+    SPLITS,
+    defense_entry,
+    defense_names,
+)
 
-class ConfigError(ValueError):
-    """A bad configuration value. The message names the field and what would be accepted."""
-
-    def __init__(self, field_path: str, message: str):
-        self.field = field_path
-        super().__init__(f"config field '{field_path}': {message}")
+__all__ = ["Config", "ConfigError"]
 
 
 # ---- YAML with numbers as people type them --------------------------------------------------------
@@ -58,9 +66,6 @@ def yaml_dump(data: Any) -> str:
     return yaml.dump(data, Dumper=YamlDumper, sort_keys=False)
 
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10")
-MODELS = ("cnn", "resnet18")
-SPLITS = ("iid", "dirichlet", "gamma_similarity", "extreme")
 SCHEDULES = ("constant", "cosine")
 RUNTIMES = ("simulated", "distributed")
 
@@ -210,9 +215,9 @@ class Config:
             "byzantine",
             f"must be < peers ({self.peers}): at least one peer must be honest, got {self.byzantine}",
         )
-        _choice(self.task.dataset, DATASETS, "task.dataset")
-        _choice(self.task.model, MODELS, "task.model")
-        _choice(self.task.split, SPLITS, "task.split")
+        DATASETS.lookup(self.task.dataset)
+        MODELS.lookup(self.task.model)
+        SPLITS.lookup(self.task.split)
         _check(self.task.alpha > 0, "task.alpha", f"must be > 0, got {self.task.alpha}")
         _check(0 <= self.task.gamma <= 1, "task.gamma", f"must be in [0, 1], got {self.task.gamma}")
 
@@ -224,10 +229,7 @@ class Config:
         )
         _check(self.attack.every >= 1, "attack.every", f"must be >= 1, got {self.attack.every}")
         _check(isinstance(self.attack.params, dict), "attack.params", "must be a mapping")
-        if self.attack.name != "none":
-            from byztrain.attacks import validate_attack  # late import: attacks import config
-
-            validate_attack(self)
+        self._validate_attack()
 
         d = self.defense
         _check(d.tau > 0, "defense.tau", f"must be > 0, got {d.tau}")
@@ -235,9 +237,7 @@ class Config:
         _check(d.cclip_tol > 0, "defense.cclip_tol", f"must be > 0, got {d.cclip_tol}")
         _check(d.cclip_max_iters >= 1, "defense.cclip_max_iters", f"must be >= 1, got {d.cclip_max_iters}")
         _check(d.f is None or d.f >= 0, "defense.f", f"must be null or >= 0, got {d.f}")
-        from byztrain.defenses import validate_defense  # late import: defenses import config
-
-        validate_defense(self)
+        defense_entry(d.name).check(self)
 
         t = self.train
         _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
@@ -275,6 +275,29 @@ class Config:
         )
         _check(self.log.every >= 1, "log.every", f"must be >= 1, got {self.log.every}")
         return self
+
+    def _validate_attack(self) -> None:
+        _check(bool(str(self.attack.name).strip("+ ")), "attack.name", "must not be empty; use 'none' for no attack")
+        parts = attack_parts(self)
+        if parts:
+            _check(self.byzantine >= 1, "byzantine", f"attack {self.attack.name!r} needs byzantine >= 1, got 0")
+        for name, params in parts:
+            ATTACKS.lookup(name, also=("none",)).check(self, params)
+
+
+def attack_parts(config: Config) -> list[tuple[str, dict]]:
+    """(name, params) of each attack in attack.name: "a+b" runs both, and attack.params is then keyed by name."""
+    names = [n.strip() for n in str(config.attack.name).split("+") if n.strip()]
+    if names == ["none"]:
+        return []
+    if len(names) == 1:
+        return [(names[0], dict(config.attack.params))]
+    for key in config.attack.params:
+        _check(key in names, f"attack.params.{key}", f"with a combined attack, params are keyed by attack name; accepted: {', '.join(names)}")
+    parts = [(n, config.attack.params.get(n) or {}) for n in names]
+    for n, params in parts:
+        _check(isinstance(params, dict), f"attack.params.{n}", f"must be a mapping, got {type(params).__name__}")
+    return [(n, dict(params)) for n, params in parts]
 
 
 def _check(ok: bool, field_path: str, message: str) -> None:
@@ -485,22 +508,17 @@ FIELD_DOCS: dict[str, tuple[str | None, str]] = {
 
 def _choices(key: str) -> list[str] | None:
     """The accepted values of a choice key, from the tuples and registries validation checks against."""
-    if key == "attack.name":
-        from byztrain.attacks import ATTACKS
-
-        return ["none", *sorted(ATTACKS)]
-    if key == "defense.name":
-        from byztrain.defenses import defense_names
-
-        return defense_names()
-    if key == "defense.pre":
-        from byztrain.aggregators import PRE_AGGREGATORS
-
-        return list(PRE_AGGREGATORS)
+    registries = {
+        "attack.name": ["none", *sorted(ATTACKS)],
+        "defense.name": defense_names(),
+        "defense.pre": list(PRE_AGGREGATORS),
+        "task.dataset": list(DATASETS),
+        "task.model": list(MODELS),
+        "task.split": list(SPLITS),
+    }
+    if key in registries:
+        return registries[key]
     fixed = {
-        "task.dataset": DATASETS,
-        "task.model": MODELS,
-        "task.split": SPLITS,
         "train.schedule": SCHEDULES,
         "runtime.kind": RUNTIMES,
     }
@@ -528,12 +546,6 @@ def _type_name(tp: Any) -> str:
     if type(None) in args:
         return " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
     return names.get(get_origin(tp) or tp, str(tp))
-
-
-def _default_text(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def _accepted_text(key: str) -> str:
@@ -570,42 +582,32 @@ def config_reference() -> str:
             section = head
             title = f"`{head}`" if head else "Top level"
             lines += ["", f"## {title}", "", "| key | type | default | accepted | meaning |", "|---|---|---|---|---|"]
-        cells = [f"`{key}`", _type_name(tp), f"`{_default_text(default)}`", _accepted_text(key), FIELD_DOCS[key][1]]
+        cells = [f"`{key}`", _type_name(tp), f"`{default_text(default)}`", _accepted_text(key), FIELD_DOCS[key][1]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", *_attack_params_table(), "", *_defense_params_table()]
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
 
 
 def _attack_params_table() -> list[str]:
-    from byztrain.attacks import ATTACKS
-
-    lines = ["## `attack.params` by attack", "", "Parameters not set take these defaults (docs/attacks.md).", ""]
-    lines += ["| attack | parameters and defaults |", "|---|---|"]
-    for name in sorted(ATTACKS):
-        defaults = ATTACKS[name].defaults
-        text = ", ".join(f"`{k}: {_default_text(v)}`" for k, v in defaults.items()) or "none"
-        lines.append(f"| `{name}` | {text} |")
-    return lines
+    return params_table(ATTACKS, "`attack.params` by attack", "Parameters not set take these defaults (docs/attacks.md).")
 
 
 def _defense_params_table() -> list[str]:
-    from byztrain.aggregators import _PARAMS, _PRE_PARAMS
-    from byztrain.protocol.btard import PARAMS as BTARD_PARAMS
-
-    lines = ["## `defense.params` by defense", "", "One mapping feeds the rule and its pre-aggregators.", ""]
-    lines += ["| defense | parameter | accepted, default |", "|---|---|---|"]
-    lines += [f"| `btard` | `{k}` | {text} |" for k, text in BTARD_PARAMS.items()]
-    rules = [*_PARAMS.items(), *((f"pre: {k}", v) for k, v in _PRE_PARAMS.items())]
-    for name, spec in rules:
-        rows = [f"| `{name}` | `{k}` | {_kind_text(kind)}, default `{_default_text(d)}` |" for k, (kind, d) in spec.items()]
-        lines += rows or [f"| `{name}` | none | |"]
-    return lines
+    intro = "One mapping feeds the rule and its pre-aggregators (docs/defenses.md)."
+    lines = params_table(DEFENSES, "`defense.params` by defense", intro)
+    lines += ["", *params_table(AGGREGATORS, "`defense.params` by aggregation rule", intro)]
+    return [*lines, "", *params_table(PRE_AGGREGATORS, "`defense.params` by pre-aggregator", intro)]
 
 
-def _kind_text(kind: Any) -> str:
-    if isinstance(kind, tuple):
-        return "one of " + ", ".join(f"`{k}`" for k in kind)
-    return {"int": "integer >= 1", "real>=0": "number >= 0", "real>0": "number > 0", "bool": "true or false"}.get(
-        kind, str(kind)
-    )
-
+def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """Command-line items: at most one config file path, and any number of key=value overrides."""
+    config_path = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config_path is None:
+            config_path = item
+        else:
+            raise SystemExit(f"error: more than one config file given ({config_path!r}, {item!r})")
+    return config_path, overrides

@@ -3,19 +3,21 @@
 A defense sees a `Round` (byztrain.runtime.round) — the step's active peers, their sent gradients, the
 ability to recompute anyone's honest gradient from public seeds, the event log — and returns a
 `StepResult`. Baselines aggregate full vectors as a trusted parameter server would (no verification, no
-bans); BTARD runs the protocol (byztrain.protocol.btard).
+bans); BTARD runs the protocol (byztrain.protocol.btard). Each registers in `byztrain.registry.DEFENSES`:
+the trusted server here (for every rule in AGGREGATORS), btard in its own module.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from byztrain.config import Config, ConfigError
+from byztrain.config import Config
+from byztrain.errors import ConfigError
+from byztrain.registry import DEFENSES, SERVER, Entry, defense_entry
+from byztrain.rules import BoundAggregator, BoundPreAggregator, build_aggregator, build_pre_aggregator
 
 if TYPE_CHECKING:
     from byztrain.runtime.round import Round
@@ -38,33 +40,32 @@ class Defense:
         raise NotImplementedError
 
 
+def server_pipeline(
+    config: Config, n: int, generator: torch.Generator
+) -> tuple[list[BoundPreAggregator], BoundAggregator]:
+    """defense.pre and the rule defense.name bound for ``n`` input rows, every precondition checked."""
+    d = config.defense
+    f = config.byzantine if d.f is None else d.f
+    pre = []
+    for name in d.pre:
+        pre.append(build_pre_aggregator(name, f=f, params=d.params, generator=generator, n=n))
+        n = pre[-1].output_rows(n)
+    params = dict(d.params)
+    if d.name == "cclip_ps" and "iters" not in params:
+        # One place for CenteredClip's stopping rule: defense.cclip_tol / cclip_max_iters.
+        params.setdefault("tol", d.cclip_tol)
+        params.setdefault("max_iters", d.cclip_max_iters)
+    return pre, build_aggregator(d.name, f=f, tau=d.tau, params=params, n=n, generator=generator)
+
+
 class AggregatorDefense(Defense):
     """A trusted-server baseline: optional pre-aggregators, then one robust rule over the full vectors."""
 
     def __init__(self, config: Config):
         super().__init__(config)
-        from byztrain import aggregators
-
-        d = config.defense
-        self.f = config.byzantine if d.f is None else d.f
         self._generator = torch.Generator().manual_seed(config.seed + 7_919)
-        self.pre = [
-            aggregators.build_pre_aggregator(p, f=self.f, params=d.params, generator=self._generator) for p in d.pre
-        ]
-        params = dict(d.params)
-        if d.name == "cclip_ps" and "iters" not in params:
-            # One place for CenteredClip's stopping rule: defense.cclip_tol / cclip_max_iters.
-            params.setdefault("tol", d.cclip_tol)
-            params.setdefault("max_iters", d.cclip_max_iters)
-        self.aggregate: Callable = aggregators.build_aggregator(
-            d.name, f=self.f, tau=d.tau, params=params, n=self._n_after_pre(config.peers), generator=self._generator
-        )
-        self.name = d.name
-
-    def _n_after_pre(self, n: int) -> int:
-        for p in self.pre:
-            n = p.output_rows(n)
-        return n
+        self.pre, self.aggregate = server_pipeline(config, config.peers, self._generator)
+        self.name = config.defense.name
 
     def step(self, rnd: Round) -> StepResult:
         # SPMD: each process computes its own peers' gradients; the server's input is their all-gather
@@ -88,64 +89,8 @@ class MeanDefense(Defense):
         return StepResult(grads.mean(dim=0))
 
 
-def _baseline_names() -> list[str]:
-    try:
-        from byztrain.aggregators import AGGREGATORS
-    except ImportError:  # aggregators module not present yet
-        return []
-    return [n for n in AGGREGATORS if n != "mean"]
-
-
-def defense_names() -> list[str]:
-    return ["mean", "btard", *_baseline_names()]
-
-
-def validate_defense(config: Config) -> None:
-    name = config.defense.name
-    names = defense_names()
-    if name not in names:
-        hint = difflib.get_close_matches(name, names, n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError("defense.name", f"unknown defense {name!r}{extra}; accepted: {', '.join(names)}")
-    if name == "btard":
-        if 2 * config.byzantine >= config.peers:
-            raise ConfigError(
-                "byzantine",
-                f"btard tolerates fewer than half Byzantine peers: need byzantine < peers/2 "
-                f"({config.peers}/2), got {config.byzantine}",
-            )
-        workers = config.peers - config.defense.validators
-        if 2 * config.byzantine >= workers:
-            # Validators sit out the aggregation, so in the worst case every Byzantine peer aggregates
-            # among `peers - validators` workers. At half or more, CenteredClip has no honest majority
-            # and stops converging, and the fixed-point check then convicts honest aggregators.
-            raise ConfigError(
-                "byzantine",
-                f"btard needs byzantine < (peers - defense.validators)/2 = ({config.peers} - "
-                f"{config.defense.validators})/2, got {config.byzantine}: lower byzantine or validators, "
-                f"or add peers",
-            )
-        if config.defense.validators >= config.peers - 1:
-            raise ConfigError(
-                "defense.validators",
-                f"must be < peers - 1 ({config.peers - 1}) so someone still aggregates, "
-                f"got {config.defense.validators}",
-            )
-        if config.defense.pre:
-            raise ConfigError("defense.pre", "btard takes no pre-aggregators (it clips per partition)")
-    elif name != "mean":
-        build_defense(config)  # checks the rule's preconditions (e.g. Krum's n >= 2f + 3) up front
-    elif config.defense.pre:
-        build_defense(config)
-
-
-def build_defense(config: Config) -> Defense:
-    name = config.defense.name
-    if name == "btard":
-        from byztrain.protocol.btard import BtardDefense
-
-        return BtardDefense(config)
-    if name == "mean" and not config.defense.pre:
+def _build_server(config: Config) -> Defense:
+    if config.defense.name == "mean" and not config.defense.pre:
         return MeanDefense(config)
     try:
         return AggregatorDefense(config)
@@ -153,3 +98,22 @@ def build_defense(config: Config) -> Defense:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError("defense", str(exc)) from None
+
+
+DEFENSES.add(
+    Entry(
+        SERVER,
+        "a trusted parameter server: defense.pre, then the rule defense.name over the step's full gradients",
+        obj=_build_server,
+        check=_build_server,  # building binds every parameter and checks every precondition
+        preconditions="those of the rule and its pre-aggregators",
+    )
+)
+
+
+def validate_defense(config: Config) -> None:
+    defense_entry(config.defense.name).check(config)
+
+
+def build_defense(config: Config) -> Defense:
+    return defense_entry(config.defense.name).obj(config)

@@ -12,10 +12,8 @@ from byztrain.attacks.base import (
     Attack,
     AttackContext,
     attack_active,
-    attack_names,
     build_attack,
     register,
-    validate_attack,
 )
 
 __all__ = [
@@ -23,8 +21,6 @@ __all__ = [
     "Attack",
     "AttackContext",
     "attack_active",
-    "attack_names",
     "build_attack",
     "register",
-    "validate_attack",
 ]

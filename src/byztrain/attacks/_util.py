@@ -40,26 +40,3 @@ def unit_direction(dim: int, gen: torch.Generator, like: torch.Tensor) -> torch.
     u = torch.randn(dim, generator=gen, dtype=torch.float32)
     u /= u.norm().clamp_min(torch.finfo(torch.float32).tiny)
     return u.to(device=like.device, dtype=like.dtype)
-
-
-def is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def check_number(attack, key: str, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False) -> None:
-    """Raise `attack.param_error(key, ...)` unless params[key] is a number in the given range."""
-    v = attack.params[key]
-    kind = "an integer" if integer else "a number"
-    if not is_number(v) or (integer and not isinstance(v, int)) or v != v:
-        raise attack.param_error(key, f"must be {kind}, got {v!r}")
-    if low is not None and (v <= low if low_open else v < low):
-        raise attack.param_error(key, f"must be {'>' if low_open else '>='} {low}, got {v!r}")
-    if high is not None and v > high:
-        raise attack.param_error(key, f"must be <= {high}, got {v!r}")
-
-
-def check_choice(attack, key: str, choices: tuple) -> None:
-    v = attack.params[key]
-    if v not in choices:
-        raise attack.param_error(key, f"must be one of {', '.join(map(repr, choices))}; got {v!r}")

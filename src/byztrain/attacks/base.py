@@ -38,13 +38,15 @@ Protocol hooks (BTARD only; see byztrain.protocol):
 
 from __future__ import annotations
 
-import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from byztrain.config import Config, ConfigError
+from byztrain.config import Config, attack_parts
+from byztrain.errors import ConfigError
+from byztrain.registry import ATTACKS, Entry, Param, bind_params
 
 
 @dataclass
@@ -64,8 +66,10 @@ class Attack:
     """Base class: an honest peer. Subclasses override the hooks they need."""
 
     name: ClassVar[str] = "none"
-    #: default parameters; `attack.params` may override only these keys.
-    defaults: ClassVar[dict[str, Any]] = {}
+    #: the parameters `attack.params` may set (name, kind, default, meaning)
+    spec: ClassVar[tuple[Param, ...]] = ()
+    #: the paper or library whose attack this is ("" when it is byztrain's own)
+    reference: ClassVar[str] = ""
     #: defenses this attack makes sense against (None = all). Protocol attacks need "btard".
     requires_defense: ClassVar[tuple[str, ...] | None] = None
     #: whether `omniscient` is implemented (the runtime then passes honest gradients).
@@ -76,22 +80,13 @@ class Attack:
     shared_craft: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any], config: Config, peer: int):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            key = sorted(unknown)[0]
-            hint = difflib.get_close_matches(key, list(self.defaults), n=1)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            accepted = ", ".join(self.defaults) or "none"
-            raise ConfigError(
-                f"attack.params.{key}", f"unknown parameter for attack {self.name!r}{extra}; accepted: {accepted}"
-            )
-        self.params = {**self.defaults, **params}
+        self.params = bind_params(self.name, self.spec, params, "attack.params")
         self.config = config
         self.peer = peer
         self.check_params()
 
     def check_params(self) -> None:
-        """Raise ConfigError for out-of-range parameters (override)."""
+        """Raise ConfigError for what the parameter kinds in `spec` cannot say (override)."""
 
     def param_error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"attack.params.{key}", message)
@@ -198,63 +193,48 @@ class CombinedAttack(Attack):
         return all(p.on_report(target, reason, ctx) for p in self.parts)
 
 
-ATTACKS: dict[str, type[Attack]] = {}
+#: the hooks an attack may override, in the order a step calls them
+HOOKS = (
+    "on_batch", "on_gradient", "observe_true_gradient", "omniscient", "on_send_parts", "on_aggregate",
+    "on_check_scalars", "on_mprng_reveal", "accusations", "on_report",
+)
+
+
+def _check(cls: type[Attack], config: Config, params: dict) -> None:
+    """The registry check: the attack fits the defense, and its parameters are valid."""
+    if cls.requires_defense and config.defense.name not in cls.requires_defense:
+        raise ConfigError(
+            "attack.name",
+            f"attack {cls.name!r} attacks the protocol and needs defense.name in {list(cls.requires_defense)}, "
+            f"got {config.defense.name!r}",
+        )
+    cls(dict(params), config, peer=-1)
 
 
 def register(cls: type[Attack]) -> type[Attack]:
-    if cls.name in ATTACKS:
-        raise ValueError(f"attack {cls.name!r} registered twice")
-    ATTACKS[cls.name] = cls
+    """Class decorator: add the attack to the registry under ``cls.name``."""
+    doc = (cls.__doc__ or "").strip()
+    ATTACKS.add(
+        Entry(
+            cls.name,
+            " ".join(doc.split("\n\n")[0].split()),
+            obj=cls,
+            params=cls.spec,
+            preconditions="defense.name: btard" if cls.requires_defense else "",
+            check=functools.partial(_check, cls),
+            reference=cls.reference,
+            extra={"hooks": [h for h in HOOKS if getattr(cls, h) is not getattr(Attack, h)]},
+        )
+    )
     return cls
-
-
-def attack_names(name: str) -> list[str]:
-    return [n.strip() for n in name.split("+") if n.strip()]
-
-
-def _lookup(name: str) -> type[Attack]:
-    if name not in ATTACKS:
-        hint = difflib.get_close_matches(name, list(ATTACKS), n=1)
-        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ConfigError("attack.name", f"unknown attack {name!r}{extra}; accepted: {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[name]
 
 
 def build_attack(config: Config, peer: int) -> Attack | None:
     """The attack instance for Byzantine `peer`, or None for `attack.name: none`."""
-    names = attack_names(config.attack.name)
-    if names == ["none"] or not names:
+    parts = [ATTACKS.lookup(name).obj(params, config, peer) for name, params in attack_parts(config)]
+    if not parts:
         return None
-    classes = [_lookup(n) for n in names]
-    if len(classes) == 1:
-        return classes[0](dict(config.attack.params), config, peer)
-    # With several attacks, `attack.params` is a mapping attack-name -> its params.
-    params = config.attack.params or {}
-    for key in params:
-        if key not in names:
-            raise ConfigError(
-                f"attack.params.{key}",
-                f"with a combined attack, params are keyed by attack name; accepted: {', '.join(names)}",
-            )
-    parts = [cls(dict(params.get(cls.name, {}) or {}), config, peer) for cls in classes]
-    return CombinedAttack(parts, config, peer)
-
-
-def validate_attack(config: Config) -> None:
-    names = attack_names(config.attack.name)
-    if not names:
-        raise ConfigError("attack.name", "must not be empty; use 'none' for no attack")
-    for n in names:
-        cls = _lookup(n)
-        if cls.requires_defense and config.defense.name not in cls.requires_defense:
-            raise ConfigError(
-                "attack.name",
-                f"attack {n!r} attacks the protocol and needs defense.name in {list(cls.requires_defense)}, "
-                f"got {config.defense.name!r}",
-            )
-    if config.byzantine == 0:
-        raise ConfigError("byzantine", f"attack {config.attack.name!r} needs byzantine >= 1, got 0")
-    build_attack(config, peer=-1)  # parameter checks
+    return parts[0] if len(parts) == 1 else CombinedAttack(parts, config, peer)
 
 
 def attack_active(config: Config, step: int) -> bool:

@@ -18,6 +18,7 @@ class LabelFlip(Attack):
     """
 
     name = "label_flip"
+    reference = "BTARD code LabelFlipper; ByzFL, Blades"
 
     def on_batch(self, x, y, ctx):
         return x, (ctx.num_classes - 1) - y
@@ -35,6 +36,7 @@ class LabelShuffle(Attack):
     """
 
     name = "label_shuffle"
+    reference = "heterogeneity literature"
 
     def on_batch(self, x, y, ctx):
         perm = torch.randperm(y.shape[0], generator=generator(ctx.run_seed, "label_shuffle", ctx.step, ctx.peer))

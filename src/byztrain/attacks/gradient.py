@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from byztrain.attacks._util import check_number, generator, unit_direction
+from byztrain.attacks._util import generator, unit_direction
 from byztrain.attacks.base import Attack, register
+from byztrain.registry import Int, Param, Real
 
 
 @register
@@ -19,10 +20,8 @@ class SignFlip(Attack):
     """
 
     name = "sign_flip"
-    defaults = {"scale": -1000.0}
-
-    def check_params(self):
-        check_number(self, "scale")
+    reference = "BTARD code SignFlipper"
+    spec = (Param("scale", Real(), -1000.0, "factor on the true gradient"),)
 
     def on_gradient(self, g, ctx):
         return g * float(self.params["scale"])
@@ -47,17 +46,15 @@ class RandomDirection(Attack):
     """
 
     name = "random_direction"
-    defaults = {"scale": 1000.0, "seed": None}
+    reference = "BTARD code ConstantDirection (whole vector instead of per tensor)"
+    spec = (
+        Param("scale", Real(), 1000.0, "norm of the sent vector, in units of ||g||"),
+        Param("seed", Int(), None, "seed of the direction u (null: the run seed)"),
+    )
 
     def __init__(self, params, config, peer):
         super().__init__(params, config, peer)
         self._direction: torch.Tensor | None = None
-
-    def check_params(self):
-        check_number(self, "scale")
-        s = self.params["seed"]
-        if s is not None and (not isinstance(s, int) or isinstance(s, bool)):
-            raise self.param_error("seed", f"must be an integer or null (= the run seed), got {s!r}")
 
     def direction(self, g: torch.Tensor, run_seed: int) -> torch.Tensor:
         """The shared unit direction (cached: drawn once per attacker, identical across attackers)."""
@@ -85,10 +82,8 @@ class SmallChange(Attack):
     """
 
     name = "small_change"
-    defaults = {"epsilon": 0.05}
-
-    def check_params(self):
-        check_number(self, "epsilon", low=0.0)
+    reference = "byztrain (stealth test)"
+    spec = (Param("epsilon", Real(0), 0.05, "size of the random change, relative to ||g||"),)
 
     def on_gradient(self, g, ctx):
         u = unit_direction(g.numel(), generator(ctx.run_seed, "small_change", ctx.step, ctx.peer), g)

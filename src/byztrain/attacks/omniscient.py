@@ -13,8 +13,8 @@ from statistics import NormalDist
 
 import torch
 
-from byztrain.attacks._util import check_choice, check_number, is_number
 from byztrain.attacks.base import Attack, register
+from byztrain.registry import Choice, Int, Param, Real
 
 
 def honest_std(honest: torch.Tensor, ddof: int = 1) -> torch.Tensor:
@@ -55,10 +55,8 @@ class IPM(_Omniscient):
     """
 
     name = "ipm"
-    defaults = {"epsilon": 0.1}
-
-    def check_params(self):
-        check_number(self, "epsilon", low=0.0, low_open=True)
+    reference = "Xie, Koyejo, Gupta 2020"
+    spec = (Param("epsilon", Real(0, open_low=True), 0.1, "factor on the negated honest mean"),)
 
     def craft(self, honest, ctx):
         return honest.mean(dim=0) * -float(self.params["epsilon"])
@@ -69,7 +67,8 @@ class IPMLarge(IPM):
     """`ipm` with `epsilon` = 0.6 by default (the large-epsilon preset); see `ipm`."""
 
     name = "ipm_0.6"
-    defaults = {"epsilon": 0.6}
+    reference = "Xie, Koyejo, Gupta 2020 (large-epsilon preset)"
+    spec = (Param("epsilon", Real(0, open_low=True), 0.6, "factor on the negated honest mean"),)
 
 
 # ---- ALIE -----------------------------------------------------------------------------------------
@@ -107,13 +106,11 @@ class ALIE(_Omniscient):
     """
 
     name = "alie"
-    defaults = {"z": None, "ddof": 1}
-
-    def check_params(self):
-        z = self.params["z"]
-        if z is not None and (not is_number(z) or not math.isfinite(z)):
-            raise self.param_error("z", f"must be a finite number or null (= z_max(n, b)), got {z!r}")
-        check_choice(self, "ddof", (0, 1))
+    reference = "Baruch, Baruch, Goldberg 2019"
+    spec = (
+        Param("z", Real(), None, "shift in honest standard deviations (null: z_max(n, b) of the paper)"),
+        Param("ddof", Choice((0, 1)), 1, "delta degrees of freedom of the standard deviation"),
+    )
 
     def z(self, ctx) -> float:
         if self.params["z"] is not None:
@@ -133,14 +130,13 @@ class ALIE(_Omniscient):
 class _MinMaxBase(_Omniscient):
     """Shared search of Min-Max / Min-Sum: the largest gamma >= 0 keeping mean + gamma * p within bounds."""
 
-    defaults = {"direction": "std", "search": "binary", "tol": 1e-6}
+    spec = (
+        Param("direction", Choice(("std", "unit_vec", "sign")), "std", "perturbation p: -std, -mean/||mean|| or -sign(mean)"),
+        Param("search", Choice(("binary", "exact")), "binary", "how gamma is found"),
+        Param("tol", Real(0, 0.5, open_low=True), 1e-6, "relative tolerance of the binary search"),
+    )
     #: the constraint: "max" (Min-Max) or "sum" (Min-Sum)
     objective = "max"
-
-    def check_params(self):
-        check_choice(self, "direction", ("std", "unit_vec", "sign"))
-        check_choice(self, "search", ("binary", "exact"))
-        check_number(self, "tol", low=0.0, high=0.5, low_open=True)
 
     def perturbation(self, honest: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """p, of unit L2 norm (zero if the direction is undefined, e.g. all honest gradients equal)."""
@@ -237,6 +233,7 @@ class MinMax(_MinMaxBase):
     )
 
     name = "min_max"
+    reference = "Shejwalkar & Houmansadr 2021"
     objective = "max"
 
 
@@ -250,6 +247,7 @@ class MinSum(_MinMaxBase):
     )
 
     name = "min_sum"
+    reference = "Shejwalkar & Houmansadr 2021"
     objective = "sum"
 
 
@@ -270,12 +268,8 @@ class Mimic(_Omniscient):
     """
 
     name = "mimic"
-    defaults = {"target": None}
-
-    def check_params(self):
-        t = self.params["target"]
-        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
-            raise self.param_error("target", f"must be a peer id (integer >= 0) or null, got {t!r}")
+    reference = "Karimireddy, He, Jaggi 2022; ByzFL Mimic"
+    spec = (Param("target", Int(0), None, "the honest peer copied (null: the lowest-numbered honest sender)"),)
 
     def craft(self, honest, ctx):
         ids = ctx.extra.get("honest_peers")

@@ -18,9 +18,11 @@ from collections.abc import Callable
 import torch
 
 from byztrain import aggregators as A
-from byztrain.attacks._util import check_number, derive_seed, generator
+from byztrain.attacks._util import derive_seed, generator
 from byztrain.attacks.base import Attack, register
 from byztrain.attacks.omniscient import _Omniscient, honest_std
+from byztrain.defenses import server_pipeline
+from byztrain.registry import Int, Param, Real
 
 
 @register
@@ -29,6 +31,7 @@ class Inf(Attack):
     a baseline rule sees them as they are."""
 
     name = "inf"
+    reference = "ByzFL Inf"
 
     def on_gradient(self, g, ctx):
         return torch.full_like(g, math.inf)
@@ -41,11 +44,11 @@ class Gaussian(Attack):
     send the same draw at a step: it comes from a generator seeded by (run seed, step), fresh each step."""
 
     name = "gaussian"
-    defaults = {"mu": 0.0, "sigma": 1.0}
-
-    def check_params(self):
-        check_number(self, "mu")
-        check_number(self, "sigma", low=0.0)
+    reference = "ByzFL Gaussian"
+    spec = (
+        Param("mu", Real(), 0.0, "mean of the noise"),
+        Param("sigma", Real(0), 1.0, "standard deviation of the noise"),
+    )
 
     def on_gradient(self, g, ctx):
         noise = torch.randn(g.numel(), generator=generator(ctx.run_seed, "gaussian", ctx.step))
@@ -70,16 +73,7 @@ def defense_pipeline(config, n: int, gen: torch.Generator) -> Callable[[torch.Te
     d = config.defense
     if d.name == "btard":
         return _btard_like(config, n)
-    f = config.byzantine if d.f is None else d.f
-    pre = [A.build_pre_aggregator(p, f=f, params=d.params, generator=gen) for p in d.pre]
-    rows = n
-    for p in pre:
-        rows = p.output_rows(rows)
-    params = dict(d.params)
-    if d.name == "cclip_ps" and "iters" not in params:
-        params.setdefault("tol", d.cclip_tol)
-        params.setdefault("max_iters", d.cclip_max_iters)
-    agg = A.build_aggregator(d.name, f=f, tau=d.tau, params=params, n=rows, generator=gen)
+    pre, agg = server_pipeline(config, n, gen)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         for p in pre:
@@ -94,18 +88,16 @@ class _Optimal(_Omniscient):
     doubling after each improvement, then (after the first failure, delta *= ratio) a contraction phase
     probing best + delta with delta *= ratio after every probe, ``evals`` evaluations in all."""
 
-    defaults = {"evals": 20, "start": 0.0, "delta": 10.0, "ratio": 0.8}
+    spec = (
+        Param("evals", Int(1), 20, "evaluations of the defense per step"),
+        Param("start", Real(), 0.0, "first factor tried"),
+        Param("delta", Real(), 10.0, "first step of the search (non-zero)"),
+        Param("ratio", Real(0.5, 1, open_low=True, open_high=True), 0.8, "step shrink factor after each probe"),
+    )
 
     def check_params(self):
-        check_number(self, "evals", low=1, integer=True)
-        check_number(self, "start")
-        check_number(self, "delta")
         if self.params["delta"] == 0:
             raise self.param_error("delta", "must be non-zero")
-        r = self.params["ratio"]
-        check_number(self, "ratio")
-        if not 0.5 < r < 1:
-            raise self.param_error("ratio", f"must be in (0.5, 1), got {r!r}")
 
     def vector(self, honest: torch.Tensor, factor: float) -> torch.Tensor:
         raise NotImplementedError
@@ -151,6 +143,7 @@ class OptimalALIE(_Optimal):
     gradients (ByzFL's sign and ddof = 1; `alie` uses mean - z * std), tau found by the line search."""
 
     name = "optimal_alie"
+    reference = "ByzFL Optimal_ALittleIsEnough"
 
     def vector(self, honest, factor):
         mean = honest.mean(dim=0)
@@ -165,6 +158,7 @@ class OptimalIPM(_Optimal):
     tau found by the line search."""
 
     name = "optimal_ipm"
+    reference = "ByzFL Optimal_InnerProductManipulation"
 
     def vector(self, honest, factor):
         return honest.mean(dim=0) * -factor

@@ -16,10 +16,11 @@ import struct
 
 import torch
 
-from byztrain.attacks._util import check_choice, check_number, generator, unit_direction
-from byztrain.attacks.base import ATTACKS, Attack, register
+from byztrain.attacks._util import generator, unit_direction
+from byztrain.attacks.base import Attack, register
 from byztrain.protocol.mprng import xor_bytes
 from byztrain.protocol.validators import choose_validators
+from byztrain.registry import ATTACKS, Choice, Param, Real, Text
 
 BTARD = ("btard",)
 
@@ -36,11 +37,9 @@ class BadAggregation(Attack):
     """
 
     name = "bad_aggregation"
-    defaults = {"size": 1e-2}
+    reference = "byztrain (BTARD threat model)"
+    spec = (Param("size", Real(0, open_low=True), 1e-2, "error added, relative to the aggregate's norm"),)
     requires_defense = BTARD
-
-    def check_params(self):
-        check_number(self, "size", low=0.0, low_open=True)
 
     def on_aggregate(self, partition, value, ctx):
         flat = value.reshape(-1)
@@ -60,11 +59,9 @@ class FalseAccusation(Attack):
     """
 
     name = "false_accusation"
-    defaults = {"rate": 1.0}
+    reference = "byztrain (BTARD threat model)"
+    spec = (Param("rate", Real(0, 1), 1.0, "probability of an accusation per attack step"),)
     requires_defense = BTARD
-
-    def check_params(self):
-        check_number(self, "rate", low=0.0, high=1.0)
 
     def accusations(self, ctx):
         honest = [p for p in ctx.active if p not in ctx.byzantine and p != ctx.peer]
@@ -88,12 +85,12 @@ class LieInCheck(Attack):
     """
 
     name = "lie_in_check"
-    defaults = {"size": 0.1, "scalars": "s"}
+    reference = "byztrain (BTARD threat model)"
+    spec = (
+        Param("size", Real(0, open_low=True), 0.1, "relative error on the scalars"),
+        Param("scalars", Choice(("s", "d", "both")), "s", "which scalars lie"),
+    )
     requires_defense = BTARD
-
-    def check_params(self):
-        check_number(self, "size", low=0.0, low_open=True)
-        check_choice(self, "scalars", ("s", "d", "both"))
 
     def on_check_scalars(self, s, d, ctx):
         f = 1.0 + float(self.params["size"])
@@ -114,6 +111,7 @@ class MPRNGWithhold(Attack):
     """
 
     name = "mprng_withhold"
+    reference = "byztrain (BTARD threat model)"
     requires_defense = BTARD
 
     def on_mprng_reveal(self, secret, ctx):
@@ -129,6 +127,7 @@ class Silent(Attack):
     """
 
     name = "silent"
+    reference = "byztrain (BTARD threat model)"
     requires_defense = BTARD
 
     def on_send_parts(self, parts, ctx):
@@ -148,11 +147,11 @@ class SelfCover(Attack):
     """
 
     name = "self_cover"
-    defaults = {"scale": -10.0}
+    reference = "byztrain (BTARD threat model)"
+    spec = (Param("scale", Real(), -10.0, "factor on the true aggregate (not 1)"),)
     requires_defense = BTARD
 
     def check_params(self):
-        check_number(self, "scale")
         if float(self.params["scale"]) == 1.0:
             raise self.param_error("scale", "must differ from 1 (1 publishes the true aggregate)")
 
@@ -210,20 +209,21 @@ class ValidatorDodge(Attack):
     """
 
     name = "validator_dodge"
-    defaults = {"base": "sign_flip"}
+    reference = "byztrain (BTARD threat model: validator-aware cheater)"
+    spec = (Param("base", Text(), "sign_flip", "the gradient or data attack applied when unchecked"),)
     requires_defense = BTARD
 
     def __init__(self, params, config, peer):
         super().__init__(params, config, peer)
-        self.base = ATTACKS[self.params["base"]]({}, config, peer)
+        self.base = ATTACKS[self.params["base"]].obj({}, config, peer)
         self.is_omniscient = self.base.is_omniscient
         self._decision: tuple[int, bool] | None = None  # (step, attack at that step)
 
     def check_params(self):
         base = self.params["base"]
-        cls = ATTACKS.get(base) if isinstance(base, str) else None
+        cls = ATTACKS[base].obj if base in ATTACKS else None
         if cls is None or cls.requires_defense is not None:
-            accepted = ", ".join(sorted(n for n, c in ATTACKS.items() if c.requires_defense is None))
+            accepted = ", ".join(sorted(n for n, e in ATTACKS.items() if e.obj.requires_defense is None))
             raise self.param_error("base", f"must be a gradient or data attack ({accepted}), got {base!r}")
 
     def unchecked_next_step(self, ctx) -> bool:

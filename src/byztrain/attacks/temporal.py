@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from byztrain.attacks._util import check_choice, check_number
 from byztrain.attacks.base import Attack, attack_active, register
+from byztrain.registry import Choice, Int, Param
 
 
 @register
@@ -34,16 +34,16 @@ class DelayedGradient(Attack):
     """
 
     name = "delayed_gradient"
-    defaults = {"delay": 1000, "warmup": "oldest"}
+    reference = "BTARD code DelayedGradientAttacker"
+    spec = (
+        Param("delay", Int(1), 1000, "steps between computing a gradient and sending it"),
+        Param("warmup", Choice(("oldest", "honest")), "oldest", "before a delayed gradient exists: the oldest held, or honest"),
+    )
 
     def __init__(self, params, config, peer):
         super().__init__(params, config, peer)
         self.buffer: dict[int, torch.Tensor] = {}  # step -> true gradient, in increasing step order
         self._seen_any = False
-
-    def check_params(self):
-        check_number(self, "delay", low=1, integer=True)
-        check_choice(self, "warmup", ("oldest", "honest"))
 
     def _needed(self, step: int) -> bool:
         """Whether the gradient of `step` will be sent: step + delay is an attack step of this run."""

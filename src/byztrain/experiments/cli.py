@@ -6,6 +6,10 @@ import argparse
 import signal
 import sys
 
+from byztrain.config import split_config_and_overrides
+from byztrain.experiments.report import make_report
+from byztrain.experiments.sweep import sweep
+
 SWEEP_EPILOG = """\
 grid format: any list-valued key expands (product); a list of mappings at a section gives variants
 (defense: [{name: mean}, {name: btard, tau: [1, 10]}]); a list-typed key (defense.pre) expands only
@@ -29,10 +33,7 @@ examples:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from byztrain.cli import _split_config_and_overrides
-    from byztrain.experiments.sweep import sweep
-
-    grid_path, overrides = _split_config_and_overrides(args.items)
+    grid_path, overrides = split_config_and_overrides(args.items)
     if grid_path is None:
         raise SystemExit("error: byztrain sweep needs a grid file (e.g. experiments/demo.yaml)")
     if args.jobs is not None and args.jobs < 1:
@@ -72,8 +73,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from byztrain.experiments.report import make_report
-
     outputs = make_report(args.dir, out=args.out)
     print("\n".join(outputs.table))
     print()

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
+from byztrain.api import run
 from byztrain.config import Config, ConfigError, parse_override, yaml_dump, yaml_load
+from byztrain.runtime.progress import progress_bar
 
 MAX_NAME_LENGTH = 150
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
@@ -326,8 +328,6 @@ def execute_run(config_data: dict, run_dir: str) -> dict:
     try:
         if path.exists():
             shutil.rmtree(path)  # an unfinished or stale run restarts from scratch
-        from byztrain.api import run
-
         config = Config.from_dict(config_data)
         summary = run(config, quiet=True)
         return {"status": "ok", "summary": summary, "wall": time.perf_counter() - started}
@@ -496,8 +496,6 @@ def _run_pool(
 
     bar = None
     if progress:
-        from byztrain.runtime.progress import progress_bar
-
         bar = progress_bar(len(todo), desc="sweep", unit="run", every_s=0)  # off a terminal: a line per run
     write = bar.write if bar is not None else say
 

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from byztrain.aggregators import centered_clip_irls_batched
-from byztrain.config import Config, ConfigError
+from byztrain.config import Config
 from byztrain.defenses import Defense, StepResult
+from byztrain.errors import ConfigError
 from byztrain.protocol.bans import (
     MALFORMED,
     Accusation,
@@ -63,6 +64,7 @@ from byztrain.protocol.verification import (
     projection_seed,
     scalars_agree,
 )
+from byztrain.registry import DEFENSES, Choice, Entry, Int, Param, Real
 
 if TYPE_CHECKING:
     from byztrain.runtime.round import Round
@@ -77,41 +79,28 @@ MEDIAN_RULE_MIN_ROWS = 8
 #: smallest cclip_tol: the stopping rule is evaluated in float32 (resolution 2^-23)
 MIN_CCLIP_TOL = 1e-7
 
-#: defense.params accepted by btard
-PARAMS = {
-    "check_rtol": "relative tolerance of the projected fixed-point check; default 10 * (cclip_tol + (n+2) 2^-24)",
-    "check_projections": "number q of random directions z per check (default 3)",
-    "scalar_rtol": "relative tolerance when an aggregator re-derives s_ij, d_ij (default 1e-8)",
-    "scalar_bound": "a scalar s_ij larger in magnitude than this many d_ij sends its partition to a dispute (default 7)",
-    "median_bound": "a partition whose median s_ij is this many times the rows' spread off 0 goes to a "
-    "dispute (default 8)",
-    "median": "CenteredClip start for even n: lower (default, as torch.median), upper or average",
-}
+PARAMS = (
+    Param(
+        "check_rtol", Real(0, open_low=True), None,
+        "relative tolerance of the projected fixed-point check (null: 10 (cclip_tol + (n+2) 2^-24))",
+    ),
+    Param("check_projections", Int(1), 3, "number q of random directions z per check"),
+    Param("scalar_rtol", Real(0, open_low=True), 1e-8, "relative tolerance when an aggregator re-derives s_ij, d_ij"),
+    Param(
+        "scalar_bound", Real(5), 7.0,
+        "|s_ij| above this many d_ij sends the partition to a dispute (honest |s| > 5 d has odds 6e-7)",
+    ),
+    Param(
+        "median_bound", Real(4), 8.0,
+        "a median s_ij this many times the rows' spread off 0 sends the partition to a dispute "
+        "(honest partitions of 8 rows reach 7)",
+    ),
+    Param("median", Choice(MEDIANS), "lower", "CenteredClip start for even n: lower (as torch.median), upper or average"),
+)
 
 
 def _params(config: Config) -> dict:
     d = config.defense
-    p = dict(d.params or {})
-    for key in p:
-        if key not in PARAMS:
-            raise ConfigError(
-                f"defense.params.{key}", f"unknown parameter for btard; accepted: {', '.join(PARAMS)}"
-            )
-
-    def real(key, default):
-        v = p.get(key, default)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ConfigError(f"defense.params.{key}", f"must be a finite number > 0, got {v!r}")
-        return float(v)
-
-    q = p.get("check_projections", 3)
-    if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-        raise ConfigError("defense.params.check_projections", f"must be an integer >= 1, got {q!r}")
-    median = p.get("median", "lower")
-    if median not in MEDIANS:
-        raise ConfigError("defense.params.median", f"must be one of {', '.join(MEDIANS)}, got {median!r}")
     if not (math.isfinite(d.tau) and d.tau >= MIN_TAU):
         raise ConfigError(
             "defense.tau", f"btard needs a finite tau >= {MIN_TAU:g} (the check weights use it), got {d.tau}"
@@ -121,20 +110,29 @@ def _params(config: Config) -> dict:
             "defense.cclip_tol",
             f"btard's CenteredClip cannot meet a tolerance below {MIN_CCLIP_TOL:g} in float32, got {d.cclip_tol}",
         )
-    bound = real("scalar_bound", 7.0)
-    if bound < 5:
-        raise ConfigError("defense.params.scalar_bound", f"must be >= 5 (honest |s| > 5 d has odds 6e-7), got {bound}")
-    centre = real("median_bound", 8.0)
-    if centre < 4:
-        raise ConfigError("defense.params.median_bound", f"must be >= 4 (honest partitions of 8 rows reach 7), got {centre}")
-    return {
-        "check_rtol": real("check_rtol", None),
-        "check_projections": q,
-        "scalar_rtol": real("scalar_rtol", 1e-8),
-        "scalar_bound": bound,
-        "median_bound": centre,
-        "median": median,
-    }
+    p = DEFENSES["btard"].bind(d.params, "defense.params")
+    return {k: float(v) if isinstance(v, (int, float)) and k != "check_projections" else v for k, v in p.items()}
+
+
+def _check_config(config: Config) -> None:
+    """BTARD's preconditions on the whole config (peers, byzantine, validators) and its parameters."""
+    n, b, m = config.peers, config.byzantine, config.defense.validators
+    if 2 * b >= n:
+        raise ConfigError("byzantine", f"btard tolerates fewer than half Byzantine peers: need byzantine < peers/2 ({n}/2), got {b}")
+    if 2 * b >= n - m:
+        # Validators sit out the aggregation, so in the worst case every Byzantine peer aggregates among
+        # `peers - validators` workers. At half or more, CenteredClip has no honest majority and stops
+        # converging, and the fixed-point check then convicts honest aggregators.
+        raise ConfigError(
+            "byzantine",
+            f"btard needs byzantine < (peers - defense.validators)/2 = ({n} - {m})/2, got {b}: lower byzantine "
+            f"or validators, or add peers",
+        )
+    if m >= n - 1:
+        raise ConfigError("defense.validators", f"must be < peers - 1 ({n - 1}) so someone still aggregates, got {m}")
+    if config.defense.pre:
+        raise ConfigError("defense.pre", "btard takes no pre-aggregators (it clips per partition)")
+    _params(config)
 
 
 @dataclass
@@ -686,3 +684,18 @@ def _broadcast(rnd: Round, local: dict, peers: list[int], what: str, valid: Call
             rnd.ban(p, f"malformed {what}")
         else:
             yield p, msg
+
+
+DEFENSES.add(
+    Entry(
+        "btard",
+        "BTARD-SGD: butterfly CenteredClip (defense.tau) with commitments, MPRNG, random-projection checks, "
+        "disputes, validators (defense.validators) and bans",
+        obj=BtardDefense,
+        params=PARAMS,
+        check=_check_config,
+        preconditions="byzantine < (peers - validators)/2; validators < peers - 1; no defense.pre; tau >= 1e-20",
+        variant="the full protocol (docs/protocol.md)",
+        reference="Gorbunov, Borzunov, Diskin, Ryabinin 2022",
+    )
+)

@@ -23,6 +23,7 @@ from byztrain.protocol.mprng import KEY_BYTES, peer_key
 from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime import majority
 from byztrain.runtime.outputs import RunWriter
+from byztrain.runtime.progress import progress_bar
 from byztrain.runtime.round import History, Round
 from byztrain.runtime.workload import Workload, public_seed
 
@@ -201,8 +202,6 @@ class Trainer:
         started = time.perf_counter() - self.elapsed_before
         bar = None
         if self.progress:
-            from byztrain.runtime.progress import progress_bar  # tqdm on a terminal, plain lines elsewhere
-
             bar = progress_bar(cfg.train.steps, initial=self.step, desc=cfg.name, unit="step")
         if self.step == 0:
             self._log({"step": 0, **self.evaluate(), "active_peers": len(self.active), "banned": []}, started)

@@ -1,7 +1,6 @@
 """Tasks: datasets (IDX reader, search/download, loading), partitioning across peers, models."""
 
 from .datasets import (
-    DATASET_NAMES,
     Dataset,
     DatasetNotFoundError,
     clear_dataset_cache,
@@ -10,13 +9,10 @@ from .datasets import (
     load_dataset,
 )
 from .idx import read_idx, write_idx
-from .models import MODEL_NAMES, SmallCNN, build_model, count_parameters
-from .partition import SPLITS, partition
+from .models import SmallCNN, build_model, count_parameters
+from .partition import partition
 
 __all__ = [
-    "DATASET_NAMES",
-    "MODEL_NAMES",
-    "SPLITS",
     "Dataset",
     "DatasetNotFoundError",
     "SmallCNN",

@@ -49,7 +49,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import ENV_VAR, Dataset, DatasetNotFoundError, cache_dir, candidate_dirs, fetch_file
+from byztrain.registry import DATASETS, Entry
+
+from .datasets import (
+    ENV_VAR,
+    Dataset,
+    DatasetNotFoundError,
+    DatasetSource,
+    cache_dir,
+    candidate_dirs,
+    fetch_file,
+)
 
 __all__ = [
     "ARCHIVE",
@@ -356,3 +366,11 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = 
             )
         found = _fetch(cache_dir(NAME), URL, tuple(searched), report)
     return _load_cached(str(found.resolve()))
+
+
+DATASETS.add(
+    Entry(
+        NAME, "CIFAR-10: 10 classes, 32x32 RGB, the python batches (optional crop + flip: task.augment)",
+        obj=DatasetSource(load_cifar10, find_cifar10, clear_cache), reference="Krizhevsky 2009",
+    )
+)

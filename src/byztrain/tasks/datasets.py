@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -39,10 +40,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from byztrain.registry import DATASETS, Entry
+
 from .idx import read_idx
 
 __all__ = [
-    "DATASET_NAMES",
     "Dataset",
     "DatasetNotFoundError",
     "DOWNLOAD_TIMEOUT_S",
@@ -99,9 +101,15 @@ _SPECS: dict[str, _IdxSpec] = {
         apt_package=None,
     ),
 }
-_NOT_YET: dict[str, str] = {}
-#: "cifar10" is read by tasks/cifar.py (python batches, not IDX); load_dataset and find_data_dir dispatch to it.
-DATASET_NAMES = tuple(_SPECS) + ("cifar10",)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """How a registered dataset is found and loaded (a DATASETS entry's ``obj``)."""
+
+    load: Callable[..., Dataset]  # (data_dir, *, download) -> Dataset
+    find: Callable[..., Path]  # (data_dir) -> the directory holding it; never downloads
+    clear: Callable[[], None]  # forget the copies kept in memory
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -117,15 +125,6 @@ class DatasetNotFoundError(FileNotFoundError):
 
     def __str__(self) -> str:  # FileNotFoundError's default __str__ would print "[Errno None] ..."
         return str(self.args[0])
-
-
-def _spec(name: str) -> _IdxSpec:
-    if name in _NOT_YET:
-        raise NotImplementedError(_NOT_YET[name])
-    try:
-        return _SPECS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}") from None
 
 
 def cache_dir(name: str) -> Path:
@@ -189,7 +188,7 @@ def _not_found_message(spec: _IdxSpec, report: list[str]) -> str:
 
 
 def _search(name: str, data_dir: str | os.PathLike | None) -> tuple[Path | None, list[str], list[str]]:
-    spec = _spec(name)
+    spec = _SPECS[name]
     searched: list[str] = []
     report: list[str] = []
     for directory, origin in _candidates(name, data_dir, spec):
@@ -211,10 +210,10 @@ def find_data_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
 
     Raises ``DatasetNotFoundError`` (listing every directory searched) when there is none; never downloads.
     """
-    if name == "cifar10":
-        from .cifar import find_cifar10
+    return DATASETS.lookup(name, "dataset").obj.find(data_dir)
 
-        return find_cifar10(data_dir)
+
+def _find_idx(name: str, data_dir: str | os.PathLike | None) -> Path:
     found, searched, report = _search(name, data_dir)
     if found is None:
         spec = _SPECS[name]
@@ -252,7 +251,7 @@ def fetch_file(url: str, target: Path, validate) -> None:
 
 
 def _fetch(name: str, dest: Path, searched: tuple[str, ...], report: list[str]) -> Path:
-    spec = _spec(name)
+    spec = _SPECS[name]
     created = not dest.exists()
     for stem in _SPLIT_FILES.values():
         if _file_in(dest, stem) is not None:
@@ -372,24 +371,22 @@ def _load_cached(name: str, directory: str) -> Dataset:
 
 def clear_dataset_cache() -> None:
     """Forget the datasets ``load_dataset`` keeps in memory."""
-    from .cifar import clear_cache
-
-    _load_cached.cache_clear()
-    clear_cache()
+    for entry in DATASETS.values():
+        entry.obj.clear()
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Dataset:
-    """Load ``name`` ("fashion-mnist", "mnist", "cifar10"; CIFAR-10 is read by ``tasks.cifar.load_cifar10``).
+    """Load ``name``, a DATASETS entry ("fashion-mnist", "mnist"; "cifar10" from tasks/cifar.py).
 
     Searches as ``find_data_dir`` does; if nothing is found and ``download`` is true, downloads into
     ``~/.cache/byztrain/<name>``. Loaded datasets are cached in-process, keyed by (name, resolved
     directory), so a sweep running many runs in one process reads the files once.
     """
-    if name == "cifar10":
-        from .cifar import load_cifar10
+    return DATASETS.lookup(name, "dataset").obj.load(data_dir, download=download)
 
-        return load_cifar10(data_dir, download=download)
-    spec = _spec(name)
+
+def _load_idx(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True) -> Dataset:
+    spec = _SPECS[name]
     found, searched, report = _search(name, data_dir)
     if found is None:
         if not download:
@@ -400,3 +397,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
             )
         found = _fetch(name, cache_dir(name), tuple(searched), report)
     return _load_cached(name, str(found.resolve()))
+
+
+for _name, _idx in _SPECS.items():
+    DATASETS.add(
+        Entry(
+            _name,
+            f"{_idx.title}: {_idx.num_classes} classes, {_idx.image_size}x{_idx.image_size} greyscale, IDX files",
+            obj=DatasetSource(
+                functools.partial(_load_idx, _name), functools.partial(_find_idx, _name), _load_cached.cache_clear
+            ),
+            variant="normalised with the training set's mean and std",
+        )
+    )

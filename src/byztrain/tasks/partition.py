@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["SPLITS", "default_min_size", "partition"]
+from byztrain.registry import SPLITS, Entry
 
-SPLITS = ("iid", "dirichlet", "gamma_similarity", "extreme")
+__all__ = ["default_min_size", "partition"]
 
 
 def default_min_size(num_samples: int, peers: int) -> int:
@@ -58,32 +58,8 @@ def partition(
         raise ValueError(f"partition: peers must be >= 1, got {peers}")
     if n < peers:
         raise ValueError(f"partition: cannot give each of {peers} peers a sample from {n} samples")
-    rng = np.random.default_rng(seed)
-    if split == "iid":
-        shards = np.array_split(rng.permutation(n), peers)
-    elif split == "dirichlet":
-        if not alpha > 0:
-            raise ValueError(f"partition: dirichlet alpha must be > 0, got {alpha}")
-        if min_size is None:
-            min_size = default_min_size(n, peers)
-        if not 0 <= min_size <= n // peers:
-            raise ValueError(
-                f"partition: min_size must be in [0, {n // peers}] for {n} samples and "
-                f"{peers} peers, got {min_size}"
-            )
-        shards = _dirichlet(y, peers, float(alpha), min_size, rng)
-    elif split == "extreme":
-        shards = _extreme(y, np.arange(n), peers)
-    elif split == "gamma_similarity":
-        if not 0 <= gamma <= 1:
-            raise ValueError(f"partition: gamma_similarity gamma must be in [0, 1], got {gamma}")
-        perm = rng.permutation(n)
-        share = int(gamma * n)
-        iid = np.array_split(perm[:share], peers)
-        rest = _extreme(y, perm[share:], peers)
-        shards = [np.concatenate([a, b]) for a, b in zip(iid, rest, strict=True)]
-    else:
-        raise ValueError(f"partition: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    shard = SPLITS.lookup(split, "split").obj
+    shards = shard(y, peers, np.random.default_rng(seed), alpha=alpha, gamma=gamma, min_size=min_size)
     return [torch.from_numpy(np.sort(s).astype(np.int64)) for s in shards]
 
 
@@ -117,3 +93,55 @@ def _dirichlet(
             shards[p] = np.concatenate([shards[p], shards[donor][moved]])
             shards[donor] = shards[donor][kept]
     return shards
+
+
+def _iid(y: np.ndarray, peers: int, rng: np.random.Generator, **_: object) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(len(y)), peers)
+
+
+def _dirichlet_split(y, peers, rng, *, alpha: float, min_size: int | None, **_: object) -> list[np.ndarray]:
+    n = len(y)
+    if not alpha > 0:
+        raise ValueError(f"partition: dirichlet alpha must be > 0, got {alpha}")
+    if min_size is None:
+        min_size = default_min_size(n, peers)
+    if not 0 <= min_size <= n // peers:
+        raise ValueError(
+            f"partition: min_size must be in [0, {n // peers}] for {n} samples and {peers} peers, got {min_size}"
+        )
+    return _dirichlet(y, peers, float(alpha), min_size, rng)
+
+
+def _extreme_split(y, peers, rng, **_: object) -> list[np.ndarray]:
+    return _extreme(y, np.arange(len(y)), peers)
+
+
+def _gamma_split(y, peers, rng, *, gamma: float, **_: object) -> list[np.ndarray]:
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"partition: gamma_similarity gamma must be in [0, 1], got {gamma}")
+    n = len(y)
+    perm = rng.permutation(n)
+    share = int(gamma * n)
+    iid = np.array_split(perm[:share], peers)
+    rest = _extreme(y, perm[share:], peers)
+    return [np.concatenate([a, b]) for a, b in zip(iid, rest, strict=True)]
+
+
+for _entry in (
+    Entry("iid", "a random permutation cut into near-equal shards", obj=_iid),
+    Entry(
+        "dirichlet", "per class, proportions drawn from Dirichlet(task.alpha); small alpha: few classes per peer",
+        obj=_dirichlet_split, variant="short shards topped up from the largest (bounded, deterministic)",
+        reference="Hsu, Qi, Brown 2019",
+    ),
+    Entry(
+        "gamma_similarity", "a share task.gamma dealt iid, the rest sorted by label (1: iid, 0: extreme)",
+        obj=_gamma_split, variant="the iid share is a random draw (ByzFL: the first samples)",
+        reference="ByzFL gamma_similarity_niid",
+    ),
+    Entry(
+        "extreme", "sorted by label, contiguous shards: one or two labels per peer", obj=_extreme_split,
+        reference="ByzFL extreme_niid",
+    ),
+):
+    SPLITS.add(_entry)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from byztrain.registry import MODELS, Entry
+
 __all__ = ["CALIBRATION_BATCH", "CALIBRATION_SIZE", "PublicBatchNorm2d", "ResNet18", "build_resnet18"]
 
 #: Training images used to recompute BatchNorm statistics before each evaluation (capped at the training set).
@@ -142,3 +144,11 @@ def build_resnet18(dataset, seed: int) -> ResNet18:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ResNet18(dataset.in_channels, dataset.num_classes, calibration.contiguous())
+
+
+MODELS.add(
+    Entry(
+        "resnet18", "ResNet-18, CIFAR variant (docs/cifar.md); BatchNorm on batch statistics only, so gradients are recomputable",
+        obj=build_resnet18, reference="He et al. 2016",
+    )
+)
