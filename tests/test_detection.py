@@ -45,13 +45,15 @@ def test_simulated_bans_follow_the_attack_window_and_count_attack_steps():
 def test_byzantine_validators_cover_only_while_their_attack_is_on():
     # n = 5, b = 2 (peers 1..4 may be Byzantine), m = 2: often a Byzantine validator draws its fellow.
     # Attacking every other step, the validator of the following step is off the window and reports.
-    def share_banned(every):  # one lie (step 2), one audit (step 3)
+    def share_banned(every, always_cover=False):  # one lie (step 2), one audit (step 3)
         rng = random.Random(1)
-        fates = [f for _ in range(3000) for f in det.simulate_run(det.Cell(5, 2, 2, 2, every), 3, rng)]
+        cell = det.Cell(5, 2, 2, 2, every)
+        fates = [f for _ in range(3000) for f in det.simulate_run(cell, 3, rng, always_cover=always_cover)]
         return np.mean([f.ban_step is not None for f in fates])
 
     # every = 1: step 3 is an attack step, so a Byzantine validator covers; every = 2: it reports
     assert share_banned(2) > share_banned(1) + 0.05
+    assert share_banned(2, always_cover=True) == pytest.approx(share_banned(1), abs=0.03)
 
 
 def test_kaplan_meier_with_censoring_and_its_summaries():
@@ -112,3 +114,24 @@ def test_real_runs_agree_with_the_model_and_the_report_shows_it(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "## Detection time against the validator model" in md and "| n=8, m=1, b=3 | 4 | 12 |" in md
     assert (tmp_path / "detection.png").exists()
+
+
+def test_the_detection_grid_has_the_largest_b_btard_accepts_in_all_nine_cells(tmp_path):
+    from pathlib import Path
+
+    from byztrain.config import Config, ConfigError
+    from byztrain.experiments.sweep import plan
+
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    _, points, _ = plan(root / "detection.yaml", out=tmp_path)
+    cells = {(p.config.defense.validators, p.config.peers, p.config.byzantine) for p in points}
+    assert {(m, n) for m, n, _ in cells} == {(m, n) for m in (1, 2, 4) for n in (16, 32, 64)}
+    assert len(points) == 9 * 10 and all(p.config.train.steps <= 300 for p in points)
+    for p in points:
+        assert p.config.attack.name == "sign_flip" and p.config.attack.start == 20 and p.config.attack.every == 1
+        data = p.config.to_dict()
+        data["byzantine"] += 1
+        with pytest.raises(ConfigError, match="byzantine"):
+            Config.from_dict(data)
+    _, points, _ = plan(root / "detection-intermittent.yaml", out=tmp_path)
+    assert {p.config.attack.every for p in points} == {10, 100} and len(points) == 20

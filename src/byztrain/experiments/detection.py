@@ -85,8 +85,12 @@ def _relevant(window: list[bool], t: int) -> bool:
     return window[t] or window[t - 1]
 
 
-def simulate_run(cell: Cell, steps: int, rng: random.Random, window: list[bool] | None = None) -> list[AttackerFate]:
-    """One run's attackers under the validator draw, steps 1..`steps`."""
+def simulate_run(
+    cell: Cell, steps: int, rng: random.Random, window: list[bool] | None = None, *, always_cover: bool = False
+) -> list[AttackerFate]:
+    """One run's attackers under the validator draw, steps 1..`steps`. `always_cover`: Byzantine validators
+    cover fellow attackers at every step, not only inside their window (a what-if; byztrain's are honest
+    outside it)."""
     window = window if window is not None else cell.window(steps)
     n = cell.peers
     byz = set(rng.sample(range(1, n), cell.byzantine))
@@ -105,7 +109,7 @@ def simulate_run(cell: Cell, steps: int, rng: random.Random, window: list[bool] 
         for v, target in pairs:  # in validator order, as accusations are resolved
             if v in banned_now or target is None or target in banned_now:
                 continue
-            if target in byz and window[t - 1] and (v not in byz or not window[t]):
+            if target in byz and window[t - 1] and (v not in byz or not (window[t] or always_cover)):
                 banned_now.append(target)
         if window[t]:
             for a in byz:
@@ -131,11 +135,11 @@ class Prediction:
         return _delays(self.fates, self.cell.start, self.steps)
 
 
-def predict(cell: Cell, steps: int, runs: int = 1000, seed: int = MC_SEED) -> Prediction:
+def predict(cell: Cell, steps: int, runs: int = 1000, seed: int = MC_SEED, *, always_cover: bool = False) -> Prediction:
     """Monte Carlo of `runs` runs of `steps` steps."""
-    rng = random.Random(f"{seed}/{cell}/{steps}")
+    rng = random.Random(f"{seed}/{cell}/{steps}/{always_cover}")
     window = cell.window(steps)
-    fates = [f for _ in range(runs) for f in simulate_run(cell, steps, rng, window)]
+    fates = [f for _ in range(runs) for f in simulate_run(cell, steps, rng, window, always_cover=always_cover)]
     return Prediction(cell, steps, runs, fates)
 
 
@@ -315,7 +319,7 @@ def figure_detection(results: list[CellResult]):
     ncols = min(3, len(results)) if len({r.measured.cell.peers for r in results}) <= 1 else len(
         {r.measured.cell.peers for r in results})
     nrows = -(-len(results) // ncols)
-    fig = _new_figure((4.0 * ncols, 3.0 * nrows))
+    fig = _new_figure((max(4.0 * ncols, 6.5), 3.0 * nrows + 0.4))  # room for the title over one panel
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat[len(results):]:
         ax.set_visible(False)
@@ -323,7 +327,7 @@ def figure_detection(results: list[CellResult]):
         k = np.arange(res.horizon + 1)
         runs = len(res.measured.fates)
         ax.step(k, 1 - res.surv_measured, where="post", color="C0", linewidth=1.6,
-                label=f"measured ({res.measured.attackers} attackers, {runs} runs)")
+                label=f"measured ({res.measured.attackers} attackers, {runs} run{'s' if runs > 1 else ''})")
         ax.plot(k, 1 - res.surv_predicted, color="C3", linestyle="--", linewidth=1.4,
                 label=f"validator model (Monte Carlo, {res.predicted.runs} runs)")
         ax.set_title(res.measured.cell.label(), fontsize=10)
@@ -350,32 +354,32 @@ def _median_text(surv: np.ndarray) -> str:
 
 def detection_table(results: list[CellResult]) -> list[str]:
     rows = [
-        "| cell | runs | attackers | banned by the end: measured / model | mean steps to ban, capped at H: "
+        "| cell | runs | attackers | banned within H steps: measured / model | mean steps to ban, capped at H: "
         "measured [95 % CI over runs] / model | median: measured / model | largest CDF gap | H |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         m = r.measured
-        _, banned = m.delays()
-        _, pbanned = r.predicted.delays()
         lo, hi = r.mean_ci
+        ci = f"[{lo:.1f}, {hi:.1f}]" if len(m.fates) > 1 else "[one run]"
         gap = float(np.abs(r.surv_measured - r.surv_predicted).max())
         rows.append(
-            f"| {m.cell.label()} | {len(m.fates)} | {m.attackers} | {_pct(banned.mean())} / {_pct(pbanned.mean())} "
-            f"| {restricted_mean(r.surv_measured):.1f} [{lo:.1f}, {hi:.1f}] / {restricted_mean(r.surv_predicted):.1f} "
+            f"| {m.cell.label()} | {len(m.fates)} | {m.attackers} "
+            f"| {_pct(1 - r.surv_measured[-1])} / {_pct(1 - r.surv_predicted[-1])} "
+            f"| {restricted_mean(r.surv_measured):.1f} {ci} / {restricted_mean(r.surv_predicted):.1f} "
             f"| {_median_text(r.surv_measured)} / {_median_text(r.surv_predicted)} | {gap:.2f} | {r.horizon} |"
         )
     return rows
 
 
-def uncapped_damage(cell: Cell, runs: int = DAMAGE_MC_RUNS) -> dict[str, float]:
+def uncapped_damage(cell: Cell, runs: int = DAMAGE_MC_RUNS, *, always_cover: bool = False) -> dict[str, float]:
     """Per attacker, from the model with runs long enough for every ban: mean attack steps up to the ban,
     mean poisoned aggregates (attack steps it sent as a worker) and mean steps from the start to the ban;
     `unbanned` is the share still active after DAMAGE_MAX_ATTACKS attack steps."""
     steps = cell.start + DAMAGE_MAX_ATTACKS * cell.every
     if cell.stop is not None:
         steps = min(steps, cell.stop + 1)
-    pred = predict(cell, steps, runs)
+    pred = predict(cell, steps, runs, always_cover=always_cover)
     f = pred.fates
     time, banned = pred.delays()
     return {
@@ -386,25 +390,32 @@ def uncapped_damage(cell: Cell, runs: int = DAMAGE_MC_RUNS) -> dict[str, float]:
     }
 
 
+def _damage_text(cell: Cell, *, always_cover: bool = False) -> str:
+    d = uncapped_damage(cell, always_cover=always_cover)
+    cap = f" ({_pct(d['unbanned'])} never banned)" if d["unbanned"] > 0 else ""
+    return f"{d['attempts']:.1f} / {d['poisoned']:.1f} / {d['steps']:.0f}{cap}"
+
+
 def damage_table(results: list[CellResult]) -> list[str]:
-    """Attack steps before the ban: measured against the model within the runs, and the model's uncapped
-    means, next to the same cell attacking at every step."""
+    """Attack steps before the ban: measured against the model within the runs; the model's uncapped means,
+    as byztrain's attackers behave, with validators that cover at every step, and at every = 1."""
     rows = [
         "| cell | attack steps before the ban, within the runs: measured / model | model, uncapped: attack "
-        "steps / poisoned aggregates / steps to ban | same with every = 1 |",
-        "|---|---|---|---|",
+        "steps / poisoned aggregates / steps to ban | same, Byzantine validators covering at every step "
+        "| same attackers at every = 1 |",
+        "|---|---|---|---|---|",
     ]
     for r in results:
         c = r.measured.cell
         meas = np.mean([f.attempts for fs in r.measured.fates for f in fs])
         pred = np.mean([f.attempts for f in r.predicted.fates])
-        cols = []
-        for cc in (c, Cell(c.peers, c.validators, c.byzantine, c.start)) if c.every != 1 else (c,):
-            d = uncapped_damage(cc)
-            cap = f" ({_pct(d['unbanned'])} never banned)" if d["unbanned"] > 0 else ""
-            cols.append(f"{d['attempts']:.1f} / {d['poisoned']:.1f} / {d['steps']:.0f}{cap}")
-        ref = cols[1] if len(cols) > 1 else "(this row)"
-        rows.append(f"| {c.label()} | {meas:.1f} / {pred:.1f} | {cols[0]} | {ref} |")
+        here = _damage_text(c)
+        if c.every == 1 and c.stop is None:  # covering at every step is what they do already
+            cover, ref = "(same)", "(this row)"
+        else:
+            cover = _damage_text(c, always_cover=True)
+            ref = _damage_text(Cell(c.peers, c.validators, c.byzantine, c.start))
+        rows.append(f"| {c.label()} | {meas:.1f} / {pred:.1f} | {here} | {cover} | {ref} |")
     return rows
 
 
