@@ -122,6 +122,22 @@ def test_section_variants_list_typed_keys_and_literal_lists():
     ]
 
 
+def test_a_list_of_mappings_is_variants_of_the_whole_config():
+    # keys that must change together across sections (peers, byzantine, defense.validators) in one grid
+    g = [grid(peers=8, byzantine=3, defense={"name": "btard", "validators": 1}, seed=[0, 1]),
+         grid(peers=8, byzantine=2, defense={"name": "btard", "validators": 3}, seed=[0, 1])]
+    root, points, _ = plan(g, ["train.steps=3"], out="x")
+    assert [(p.config.byzantine, p.config.defense.validators, p.config.seed) for p in points] == [
+        (3, 1, 0), (3, 1, 1), (2, 3, 0), (2, 3, 1)
+    ]
+    assert {p.config.train.steps for p in points} == {3}  # an override reaches every variant
+    assert points[0].name == "byzantine=3,defense.validators=1,seed=0"
+    with pytest.raises(ConfigError, match="list of mappings"):
+        expand_grid([grid(), "btard"])
+    with pytest.raises(ConfigError, match="byzantine.*grid point 2/2"):  # each variant is validated
+        plan([grid(), grid(byzantine=8)], out="x")
+
+
 def test_expansion_errors_name_the_field():
     with pytest.raises(ConfigError, match="defense.pre.*list of lists"):
         expand_grid(grid(defense={"pre": [[], "bucketing"]}))

@@ -674,6 +674,11 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
             figures.append(path)
             md.append(f"![CenteredClip statistics]({path.name})")
         md.append("")
+    from byztrain.experiments import detection  # ban times against the validator model (its own module)
+
+    if detection.is_detection_grid(runs):
+        lines, paths = detection.detection_report(runs, out)
+        md, figures = md + lines, figures + paths
     problems = [r for r in runs if r.status != "finished"]
     if problems:
         md += ["## Unfinished and failed runs", ""]

@@ -8,6 +8,8 @@ Grid format (docs/experiments.md): a grid is an ordinary config mapping in which
   ``defense: [{name: mean}, {name: btard, tau: [1, 10]}]`` is three runs;
 * a key whose value is itself a list (``defense.pre``) expands only when given a list of lists:
   ``pre: [[], [bucketing]]`` is two runs, ``pre: [bucketing]`` is one run with that list;
+* a grid that is a list of mappings is variants of the whole config, like a section's (for keys that must
+  change together across sections, e.g. ``peers``, ``byzantine`` and ``defense.validators``);
 * inside a free-form mapping (``attack.params``) a list expands too; to pass a literal list, wrap it:
   ``params: {sizes: [[1, 2]]}``.
 
@@ -144,20 +146,28 @@ def _expand_mapping(mapping: dict, path: tuple[str, ...], record_all: bool = Fal
     return out
 
 
-def expand_grid(grid: dict) -> list[GridPoint]:
-    """The product of every expansion in `grid`, in file order (last key fastest)."""
-    if not isinstance(grid, dict):
-        raise ConfigError("<file>", f"a grid must be a YAML mapping, got {type(grid).__name__}")
-    return [GridPoint(i, data, params) for i, (data, params) in enumerate(_expand_mapping(grid, ()))]
+def expand_grid(grid: dict | list) -> list[GridPoint]:
+    """The product of every expansion in `grid`, in file order (last key fastest); a list of mappings is
+    variants of the whole config, each expanded in turn."""
+    _check_root(grid)
+    expanded = _expand(grid, ()) if isinstance(grid, list) else _expand_mapping(grid, ())
+    return [GridPoint(i, data, params) for i, (data, params) in enumerate(expanded)]
 
 
-def apply_grid_overrides(grid: dict, overrides: Iterable[str]) -> dict:
+def _check_root(grid: Any, where: str = "a grid") -> None:
+    if isinstance(grid, dict) or (isinstance(grid, list) and grid and all(isinstance(g, dict) for g in grid)):
+        return
+    raise ConfigError("<file>", f"{where} must be a YAML mapping or a list of mappings, got {type(grid).__name__}")
+
+
+def apply_grid_overrides(grid: dict | list, overrides: Iterable[str]) -> dict | list:
     """Dotted `key=value` overrides (values parsed as YAML, so a list expands). A section given as variants
     (a list of mappings) gets the override in every variant: `attack.start=10` sets each attack's start."""
     grid = copy.deepcopy(grid)
     for text in overrides:
         keys, value = parse_override(text)
-        _set_path(grid, keys, value, ".".join(keys))
+        for variant in grid if isinstance(grid, list) else [grid]:
+            _set_path(variant, keys, value, ".".join(keys))
     return grid
 
 
@@ -178,13 +188,12 @@ def _set_path(node: dict, keys: list[str], value: Any, full: str) -> None:
     _set_path(child, rest, value, full)
 
 
-def load_grid(path: str | Path, overrides: Iterable[str] = ()) -> dict:
+def load_grid(path: str | Path, overrides: Iterable[str] = ()) -> dict | list:
     path = Path(path)
     if not path.exists():
         raise ConfigError("<file>", f"grid file {str(path)!r} does not exist")
     data = yaml_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError("<file>", f"{path} must contain a YAML mapping, got {type(data).__name__}")
+    _check_root(data, str(path))
     return apply_grid_overrides(data, overrides)
 
 
@@ -364,7 +373,7 @@ class SweepResult:
 
 
 def plan(
-    grid: dict | str | Path,
+    grid: dict | list | str | Path,
     overrides: Iterable[str] = (),
     *,
     out: str | Path | None = None,
@@ -389,12 +398,15 @@ def plan(
     return root, points, select_shard(points, shard_t)
 
 
-def _output_root(data: dict, out: str | Path | None, default_name: str) -> Path:
+def _output_root(data: dict | list, out: str | Path | None, default_name: str) -> Path:
     if out is not None:
         return Path(out)
-    log = data.get("log") if isinstance(data.get("log"), dict) else {}
-    if isinstance(log.get("out"), str) and log["out"]:
-        return Path(log["out"])
+    roots = set()
+    for variant in data if isinstance(data, list) else [data]:
+        log = variant.get("log") if isinstance(variant.get("log"), dict) else {}
+        roots.add(log["out"] if isinstance(log.get("out"), str) and log["out"] else None)
+    if len(roots) == 1 and None not in roots:  # variants that disagree fall back to the default
+        return Path(roots.pop())
     return Path("runs") / default_name
 
 
@@ -406,7 +418,7 @@ def default_jobs() -> int:
 
 
 def sweep(
-    grid: dict | str | Path,
+    grid: dict | list | str | Path,
     overrides: Iterable[str] = (),
     *,
     out: str | Path | None = None,
