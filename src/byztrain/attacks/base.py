@@ -33,7 +33,8 @@ Protocol hooks (BTARD only; see byztrain.protocol):
   (a validator whose target's recomputation mismatches, an aggregator that caught a liar in the check
   scalars). Default: collude, i.e. never report a fellow Byzantine peer (`ctx.byzantine`), report anyone
   else. This is the adversary the paper's detection rate (1/n)((n-b)/n) assumes: only honest validators
-  expose cheaters. Return True to model non-colluding attackers.
+  expose cheaters. Unlike the other hooks it runs at every step, inside the attack window or not:
+  collusion is not an attack step. Return True to model non-colluding attackers.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ built on the protocol's own pieces rather than on a formula:
 - validators and targets from `choose_validators` (protocol/validators.py), with r_{t-1} uniform (MPRNG's
   output is uniform while one participant is honest), over the active peers and last step's workers;
 - the attack window from `attack_active` (attacks/base.py): an attacker lies at step s iff the window covers s;
-- a Byzantine validator covers a fellow attacker while its own attack window is on (`Attack.on_report`) and
-  reports it like an honest one outside it (outside the window a Byzantine peer behaves honestly);
+- a Byzantine validator never reports a fellow attacker (`Attack.on_report`, which runs at every step);
 - accusations resolved in validator order, a banned validator's accusation dropped (`BtardDefense._resolve`);
 - a banned peer leaves the active set after its step (`Trainer.train_step`); peer 0 is never Byzantine.
 
@@ -85,12 +84,8 @@ def _relevant(window: list[bool], t: int) -> bool:
     return window[t] or window[t - 1]
 
 
-def simulate_run(
-    cell: Cell, steps: int, rng: random.Random, window: list[bool] | None = None, *, always_cover: bool = False
-) -> list[AttackerFate]:
-    """One run's attackers under the validator draw, steps 1..`steps`. `always_cover`: Byzantine validators
-    cover fellow attackers at every step, not only inside their window (a what-if; byztrain's are honest
-    outside it)."""
+def simulate_run(cell: Cell, steps: int, rng: random.Random, window: list[bool] | None = None) -> list[AttackerFate]:
+    """One run's attackers under the validator draw, steps 1..`steps`."""
     window = window if window is not None else cell.window(steps)
     n = cell.peers
     byz = set(rng.sample(range(1, n), cell.byzantine))
@@ -109,7 +104,7 @@ def simulate_run(
         for v, target in pairs:  # in validator order, as accusations are resolved
             if v in banned_now or target is None or target in banned_now:
                 continue
-            if target in byz and window[t - 1] and (v not in byz or not (window[t] or always_cover)):
+            if target in byz and window[t - 1] and v not in byz:
                 banned_now.append(target)
         if window[t]:
             for a in byz:
@@ -135,11 +130,11 @@ class Prediction:
         return _delays(self.fates, self.cell.start, self.steps)
 
 
-def predict(cell: Cell, steps: int, runs: int = 1000, seed: int = MC_SEED, *, always_cover: bool = False) -> Prediction:
+def predict(cell: Cell, steps: int, runs: int = 1000, seed: int = MC_SEED) -> Prediction:
     """Monte Carlo of `runs` runs of `steps` steps."""
-    rng = random.Random(f"{seed}/{cell}/{steps}/{always_cover}")
+    rng = random.Random(f"{seed}/{cell}/{steps}")
     window = cell.window(steps)
-    fates = [f for _ in range(runs) for f in simulate_run(cell, steps, rng, window, always_cover=always_cover)]
+    fates = [f for _ in range(runs) for f in simulate_run(cell, steps, rng, window)]
     return Prediction(cell, steps, runs, fates)
 
 
@@ -372,14 +367,14 @@ def detection_table(results: list[CellResult]) -> list[str]:
     return rows
 
 
-def uncapped_damage(cell: Cell, runs: int = DAMAGE_MC_RUNS, *, always_cover: bool = False) -> dict[str, float]:
+def uncapped_damage(cell: Cell, runs: int = DAMAGE_MC_RUNS) -> dict[str, float]:
     """Per attacker, from the model with runs long enough for every ban: mean attack steps up to the ban,
     mean poisoned aggregates (attack steps it sent as a worker) and mean steps from the start to the ban;
     `unbanned` is the share still active after DAMAGE_MAX_ATTACKS attack steps."""
     steps = cell.start + DAMAGE_MAX_ATTACKS * cell.every
     if cell.stop is not None:
         steps = min(steps, cell.stop + 1)
-    pred = predict(cell, steps, runs, always_cover=always_cover)
+    pred = predict(cell, steps, runs)
     f = pred.fates
     time, banned = pred.delays()
     return {
@@ -390,32 +385,28 @@ def uncapped_damage(cell: Cell, runs: int = DAMAGE_MC_RUNS, *, always_cover: boo
     }
 
 
-def _damage_text(cell: Cell, *, always_cover: bool = False) -> str:
-    d = uncapped_damage(cell, always_cover=always_cover)
+def _damage_text(cell: Cell) -> str:
+    d = uncapped_damage(cell)
     cap = f" ({_pct(d['unbanned'])} never banned)" if d["unbanned"] > 0 else ""
     return f"{d['attempts']:.1f} / {d['poisoned']:.1f} / {d['steps']:.0f}{cap}"
 
 
 def damage_table(results: list[CellResult]) -> list[str]:
     """Attack steps before the ban: measured against the model within the runs; the model's uncapped means,
-    as byztrain's attackers behave, with validators that cover at every step, and at every = 1."""
+    and the same attackers' at every = 1."""
     rows = [
         "| cell | attack steps before the ban, within the runs: measured / model | model, uncapped: attack "
-        "steps / poisoned aggregates / steps to ban | same, Byzantine validators covering at every step "
-        "| same attackers at every = 1 |",
-        "|---|---|---|---|---|",
+        "steps / poisoned aggregates / steps to ban | same attackers at every = 1 |",
+        "|---|---|---|---|",
     ]
     for r in results:
         c = r.measured.cell
         meas = np.mean([f.attempts for fs in r.measured.fates for f in fs])
         pred = np.mean([f.attempts for f in r.predicted.fates])
         here = _damage_text(c)
-        if c.every == 1 and c.stop is None:  # covering at every step is what they do already
-            cover, ref = "(same)", "(this row)"
-        else:
-            cover = _damage_text(c, always_cover=True)
-            ref = _damage_text(Cell(c.peers, c.validators, c.byzantine, c.start))
-        rows.append(f"| {c.label()} | {meas:.1f} / {pred:.1f} | {here} | {cover} | {ref} |")
+        plain = c.every == 1 and c.stop is None
+        ref = "(this row)" if plain else _damage_text(Cell(c.peers, c.validators, c.byzantine, c.start))
+        rows.append(f"| {c.label()} | {meas:.1f} / {pred:.1f} | {here} | {ref} |")
     return rows
 
 
@@ -434,7 +425,7 @@ def detection_report(runs, out: Path) -> tuple[list[str], list[Path]]:
         "step (Kaplan-Meier; the plain empirical CDF when every run has the same length), against a Monte Carlo "
         f"of the validator draw ({REPORT_MC_RUNS} simulated runs per cell; `byztrain.experiments.detection`: "
         "the protocol's `choose_validators` with uniform r_t, bans removing peers, Byzantine validators "
-        "covering fellow attackers while their attack is on). H: steps after the start that every run covers; "
+        "never reporting fellow attackers). H: steps after the start that every run covers; "
         "the capped mean is E[min(T, H)]; the largest CDF gap is max_k |S_measured(k) - S_model(k)|.", "",
         *detection_table(results), "",
         "Attack steps each attacker had up to and including its ban step (capped at the run's end); the "

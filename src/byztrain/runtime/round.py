@@ -82,13 +82,15 @@ class Round:
     def tamper(self, peer: int, hook: str, honest, *args, extra: dict | None = None):
         """The adversary's one door: what `peer` produces where the honest protocol produces `honest`.
 
-        Honest peers (and Byzantine ones outside the attack window) get `honest` back. Otherwise the
+        Honest peers (and Byzantine ones outside the attack window, except for `on_report`) get `honest` back. Otherwise the
         attack's `hook` runs on copies of `args` and the peer's context, and its result is copied too, so a
         hook never holds a tensor the protocol goes on using (a part rewritten in place after its
         commitment, say). A result that breaks the hook's contract becomes MALFORMED: every message check
         rejects it, so the peer is banned for a malformed message and the run goes on.
         """
-        attack = self.attack(peer)
+        # Collusion is not an attack step: Byzantine peers cover for each other whether or not this step
+        # attacks (the paper's detection rate assumes only honest validators ever report a cheater).
+        attack = self.attacks.get(peer) if hook in _ALWAYS else self.attack(peer)
         if attack is None:
             return honest
         ctx = self.context(peer)
@@ -262,6 +264,9 @@ def _gradient_like(out, g) -> bool:
 
 
 #: Per hook, what a result must be (values that receivers check on the wire anyway are not repeated here).
+#: hooks a Byzantine peer runs at every step, not only inside the attack window
+_ALWAYS = frozenset({"on_report"})
+
 _CONTRACTS = {
     "on_batch": _same_batch,
     "on_gradient": _gradient_like,
