@@ -251,8 +251,6 @@ def is_detection_grid(runs) -> bool:
 
 
 def group_cells(runs) -> dict[Cell, Measured]:
-    from byztrain.config import Config
-
     cells: dict[Cell, Measured] = {}
     for r in runs:
         if r.byzantine_peers is None or not r.steps:
