@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from byztrain.config import yaml_load
+from byztrain.experiments.collapse import collapse_section, terminal_lines
 
 # Keys that never label a run: where it logs, thread counts, data locations, the free-text name.
 IGNORED_KEYS = ("name", "log.", "runtime.threads", "runtime.timeout_s", "task.data_dir")
@@ -674,6 +675,7 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
             figures.append(path)
             md.append(f"![CenteredClip statistics]({path.name})")
         md.append("")
+    md += collapse_section(runs)  # collapse rate per cell over seeds (its own module)
     from byztrain.experiments import detection  # ban times against the validator model (its own module)
 
     if detection.is_detection_grid(runs):
@@ -691,7 +693,7 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
         md.append("")
     report = out / "report.md"
     report.write_text("\n".join(md))
-    table = format_table(TERMINAL_HEADER, terminal_rows(runs))
+    table = format_table(TERMINAL_HEADER, terminal_rows(runs)) + terminal_lines(runs)
     return ReportOutputs(
         results, report, figures, len(runs), counts["finished"], counts["unfinished"], counts["failed"], table
     )
