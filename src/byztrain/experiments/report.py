@@ -588,6 +588,277 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-").lower() or "all"
 
 
+# ---- worst case over attacks -----------------------------------------------------------------------------
+
+
+def attacks_only(labels: Iterable[str]) -> list[str]:
+    """The attack labels that name an attack: `none` is the clean reference, not an attack to survive."""
+    return [a for a in attack_order(labels) if not a.startswith("none")]
+
+
+def seed_mean_accuracy(runs: list[RunData]) -> float | None:
+    """Mean final accuracy (fraction) over the finished runs (seeds), None when none finished."""
+    done = [r.final_accuracy for r in runs if r.finished and r.final_accuracy is not None]
+    return statistics.fmean(done) if done else None
+
+
+@dataclass
+class WorstCase:
+    defense: str
+    accuracy: float | None  # min over the attacks of the seed-mean final accuracy (fraction)
+    attack: str | None  # the attack that reaches it
+    per_attack: dict[str, float | None]  # seed-mean final accuracy per attack (None: no finished run)
+
+    @property
+    def complete(self) -> bool:
+        return all(v is not None for v in self.per_attack.values())
+
+
+def worst_cases(by_attack: dict[str, dict[str, list[RunData]]]) -> list[WorstCase]:
+    """ByzFL's criterion: per defense configuration, the minimum over the attacks of the seed-mean final
+    accuracy, ranked best first (a defense missing an attack's results ranks after the complete ones, its
+    minimum being over fewer attacks). Empty when the runs hold fewer than two attacks."""
+    attacks = attacks_only(by_attack)
+    if len(attacks) < 2:
+        return []
+    out = []
+    for d in defense_order(d for a in attacks for d in by_attack[a]):
+        per = {a: seed_mean_accuracy(by_attack[a].get(d, [])) for a in attacks}
+        known = {a: v for a, v in per.items() if v is not None}
+        worst = min(known, key=lambda a: known[a]) if known else None
+        out.append(WorstCase(d, known[worst] if worst else None, worst, per))
+    return sorted(out, key=lambda w: (w.accuracy is None, not w.complete, -(w.accuracy or 0.0)))
+
+
+def _worst_text(w: WorstCase) -> str:
+    if w.accuracy is None:
+        return "—"
+    return f"{100 * w.accuracy:.1f}" + ("" if w.complete else " *")
+
+
+def worst_case_table(by_attack: dict[str, dict[str, list[RunData]]]) -> list[str]:
+    """Markdown: defenses ranked by worst-case accuracy, with the accuracy under each attack (and `none`)."""
+    ranked = worst_cases(by_attack)
+    if not ranked:
+        return []
+    attacks = attack_order(by_attack)
+    lines = [
+        "| rank | defense | worst case (%) | worst attack | " + " | ".join(attacks) + " |",
+        "|---:|---|---:|---|" + "---:|" * len(attacks),
+    ]
+    for i, w in enumerate(ranked, 1):
+        cells = [accuracy_cell(by_attack[a].get(w.defense, [])) for a in attacks]
+        lines.append(
+            f"| {i} | {w.defense} | {_worst_text(w)} | {w.attack or '—'} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def worst_case_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
+    """The terminal form: (group, rank, defense, worst case, worst attack) for every group with >1 attack."""
+    rows = []
+    for other, by_attack in sorted(group_runs(runs).items(), key=lambda kv: _natural(kv[0])):
+        for i, w in enumerate(worst_cases(by_attack), 1):
+            text = _worst_text(w) + ("%" if w.accuracy is not None else "")
+            rows.append((other or "all", str(i), w.defense, text, w.attack or "-"))
+    return rows
+
+
+WORST_CASE_HEADER = ("runs", "rank", "defense", "worst case", "worst attack")
+WORST_CASE_NOTE = (
+    "Worst case over attacks (ByzFL's criterion): per defense, the minimum over the attacks (not `none`) "
+    "of the final test accuracy averaged over seeds; best first. `*`: some attack has no finished run, "
+    "so the minimum is over the others."
+)
+
+
+# ---- heatmap: Byzantine peers x heterogeneity ----------------------------------------------------------------
+
+HETEROGENEITY = {
+    "task.alpha": "Dirichlet concentration α (task.alpha; smaller: more label skew)",
+    "task.gamma": "iid share γ (task.gamma; 0: sorted by label, 1: iid)",
+}
+
+
+def heatmap_key(runs: list[RunData]) -> str | None:
+    """The heterogeneity key when the runs vary both `byzantine` and it, else None."""
+    varying = {k for r in runs for k in r.params}
+    if "byzantine" not in varying:
+        return None
+    return next((k for k in HETEROGENEITY if k in varying), None)
+
+
+def heatmap_groups(runs: list[RunData]) -> dict[str, list[RunData]]:
+    """One heatmap per value of the varying keys other than f, heterogeneity, seed, attack and defense."""
+    het = heatmap_key(runs)
+    if het is None:
+        return {}
+    rest = sorted(
+        {k for r in runs for k in r.params}
+        - {"seed", "byzantine", het}
+        - {k for r in runs for k in r.params if k.startswith(("attack.", "defense."))}
+    )
+    out: dict[str, list[RunData]] = {}
+    for r in runs:
+        out.setdefault(", ".join(f"{k}={fmt(r.flat.get(k))}" for k in rest), []).append(r)
+    return out
+
+
+def _sort_values(values: Iterable[Any]) -> list[Any]:
+    return sorted(
+        set(values),
+        key=lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v)),
+    )
+
+
+def heatmap_cells(runs: list[RunData], het: str) -> dict[str, dict[tuple[Any, Any], float]]:
+    """defense -> (f, heterogeneity) -> final test accuracy (%): the seed mean, the worst case over the attacks
+    when there are several (`none` counts only where it is the sole attack). A cell with an attack lacking a
+    finished run is left out."""
+    cells: dict[tuple[str, Any, Any], dict[str, list[RunData]]] = {}
+    for r in runs:
+        key = (r.defense, r.flat.get("byzantine"), r.flat.get(het))
+        cells.setdefault(key, {}).setdefault(r.attack, []).append(r)
+    out: dict[str, dict[tuple[Any, Any], float]] = {}
+    for (d, f, h), by_attack in cells.items():
+        values = [seed_mean_accuracy(by_attack[a]) for a in attacks_only(by_attack) or list(by_attack)]
+        if values and all(v is not None for v in values):
+            out.setdefault(d, {})[(f, h)] = 100 * min(values)
+    return out
+
+
+def _heat_panel(ax, grid, fs, hs, het, title, **imshow):
+    im = ax.imshow(grid, origin="lower", aspect="auto", **imshow)
+    ax.set_xticks(range(len(hs)), [fmt(h) for h in hs])
+    ax.set_yticks(range(len(fs)), [fmt(f) for f in fs])
+    ax.set_xlabel(HETEROGENEITY[het], fontsize=8)
+    ax.set_ylabel("Byzantine peers f (count)")
+    ax.set_title(title, fontsize=10)
+    return im
+
+
+def _cell_text(ax, i, j, text, value) -> None:
+    color = "white" if value < 60 else "black"  # viridis is dark below ~60%
+    ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
+
+
+def figure_heatmap(runs: list[RunData], title: str | None = None):
+    """Final test accuracy (%) per (Byzantine peers f, heterogeneity) cell: one panel per defense (the worst
+    case over the attacks when several) and a last panel naming the best defense of each cell. Raises
+    ValueError when the runs do not vary both `byzantine` and `task.alpha`/`task.gamma`."""
+    import numpy as np
+
+    het = heatmap_key(runs)
+    if het is None:
+        raise ValueError(
+            "a heatmap needs runs that vary both `byzantine` and one of "
+            + ", ".join(f"`{k}`" for k in HETEROGENEITY)
+        )
+    cells = heatmap_cells(runs, het)
+    defenses = defense_order(cells)
+    fs = _sort_values(r.flat.get("byzantine") for r in runs)
+    hs = _sort_values(r.flat.get(het) for r in runs)
+    ncols = min(4, len(defenses) + 1)
+    nrows = math.ceil((len(defenses) + 1) / ncols)
+    fig = _new_figure((3.6 * ncols + 1.0, 3.0 * nrows + 0.9))
+    axes = [ax for row in fig.subplots(nrows, ncols, squeeze=False) for ax in row]
+    im = None
+    grids = {}
+    for ax, d in zip(axes, defenses, strict=False):
+        grid = np.full((len(fs), len(hs)), np.nan)
+        for (f, h), v in cells[d].items():
+            grid[fs.index(f), hs.index(h)] = v
+        grids[d] = grid
+        im = _heat_panel(ax, grid, fs, hs, het, d, cmap="viridis", vmin=0, vmax=100)
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                _cell_text(ax, i, j, f"{v:.1f}", v)
+    _best_panel(axes[len(defenses)], grids, defenses, fs, hs, het)
+    for ax in axes[len(defenses) + 1 :]:
+        ax.set_visible(False)
+    if im is not None:
+        fig.colorbar(im, ax=axes[: len(defenses)], label="final test accuracy (%)", shrink=0.9)
+    attacks = attacks_only(r.attack for r in runs)
+    how = (
+        "worst case over attacks: " + ", ".join(attacks)
+        if len(attacks) > 1
+        else f"attack: {attacks[0]}"
+        if attacks
+        else "no attack"
+    )
+    fig.suptitle(
+        (title or "Final test accuracy (%) by Byzantine peers f and heterogeneity")
+        + f"\n{how}; mean over {_seeds_text(runs)}",
+        fontsize=11,
+    )
+    return fig
+
+
+def _best_panel(ax, grids, defenses, fs, hs, het) -> None:
+    """Each cell coloured by its best defense (ties at 0.1 points: all named), its accuracy written in."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colors = _colors(defenses)
+    index = np.full((len(fs), len(hs)), np.nan)
+    for i in range(len(fs)):
+        for j in range(len(hs)):
+            vals = {d: g[i, j] for d, g in grids.items() if not np.isnan(g[i, j])}
+            if not vals:
+                continue
+            top = max(vals.values())
+            best = [d for d in defenses if d in vals and round(vals[d], 1) == round(top, 1)]
+            index[i, j] = defenses.index(best[0])
+            ax.text(j, i, "\n".join([*best, f"{top:.1f}%"]), ha="center", va="center", fontsize=7)
+    cmap = ListedColormap([colors[d] for d in defenses] or ["white"])
+    _heat_panel(
+        ax,
+        index,
+        fs,
+        hs,
+        het,
+        "best defense per cell",
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=max(len(defenses), 1) - 0.5,
+        alpha=0.55,
+    )
+    used = sorted({int(v) for v in index.flat if not np.isnan(v)})
+    handles = [Patch(color=colors[defenses[k]], alpha=0.55, label=defenses[k]) for k in used]
+    if handles:
+        ax.legend(
+            handles=handles,
+            title="best defense",
+            fontsize=7,
+            title_fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+        )
+
+
+def heatmap_table(runs: list[RunData]) -> list[str]:
+    """Markdown of the heatmap's numbers: one row per defense, one column per (f, heterogeneity) cell."""
+    het = heatmap_key(runs)
+    if het is None:
+        return []
+    cells = heatmap_cells(runs, het)
+    keys = [
+        (f, h)
+        for f in _sort_values(r.flat.get("byzantine") for r in runs)
+        for h in _sort_values(r.flat.get(het) for r in runs)
+    ]
+    short = het.split(".")[-1]
+    lines = [
+        "| defense | " + " | ".join(f"f={fmt(f)}, {short}={fmt(h)}" for f, h in keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for d in defense_order(cells):
+        vals = [cells[d].get(k) for k in keys]
+        lines.append(f"| {d} | " + " | ".join("—" if v is None else f"{v:.1f}" for v in vals) + " |")
+    return lines
+
+
 # ---- the report ------------------------------------------------------------------------------------------
 
 
@@ -610,6 +881,28 @@ class ReportOutputs:
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     return path
+
+
+def _heatmap_section(runs: list[RunData], out: Path) -> tuple[list[str], list[Path]]:
+    """report.md lines and figures of the f x heterogeneity heatmaps (none unless the grid varies both)."""
+    md: list[str] = []
+    figures: list[Path] = []
+    for rest, group in sorted(heatmap_groups(runs).items(), key=lambda kv: _natural(kv[0])):
+        heading = f" — {rest}" if rest else ""
+        suffix = f"--{_slug(rest)}" if rest else ""
+        path = _save(figure_heatmap(group), out / f"heatmap{suffix}.png")
+        figures.append(path)
+        md += [f"## Final test accuracy (%) by Byzantine peers and heterogeneity{heading}", ""]
+        md += [
+            "Seed mean of the final test accuracy; with several attacks, the worst case over them "
+            "(`none` excluded). A cell is empty (—) when some attack has no finished run.",
+            "",
+            *heatmap_table(group),
+            "",
+            f"![final accuracy by f and heterogeneity]({path.name})",
+            "",
+        ]
+    return md, figures
 
 
 def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutputs:
@@ -651,6 +944,9 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
             "`*`: some seeds unfinished or failed."
         )
         md += ["", *accuracy_table(by_attack), ""]
+        worst = worst_case_table(by_attack)
+        if worst:
+            md += [f"### Worst case over attacks{heading}", "", WORST_CASE_NOTE, "", *worst, ""]
         md += [f"### Bans{heading}", ""]
         notes = ban_notes(by_attack)
         md += notes if notes else ["No peer was banned in any run."]
@@ -674,6 +970,9 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
             figures.append(path)
             md.append(f"![CenteredClip statistics]({path.name})")
         md.append("")
+    heat_md, heat_figs = _heatmap_section(runs, out)
+    md += heat_md
+    figures += heat_figs
     problems = [r for r in runs if r.status != "finished"]
     if problems:
         md += ["## Unfinished and failed runs", ""]
@@ -687,6 +986,13 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
     report = out / "report.md"
     report.write_text("\n".join(md))
     table = format_table(TERMINAL_HEADER, terminal_rows(runs))
+    worst_rows = worst_case_rows(runs)
+    if worst_rows:
+        table += [
+            "",
+            "worst case over attacks (min over attacks of the seed-mean final accuracy), best first:",
+        ]
+        table += format_table(WORST_CASE_HEADER, worst_rows)
     return ReportOutputs(
         results, report, figures, len(runs), counts["finished"], counts["unfinished"], counts["failed"], table
     )
@@ -694,7 +1000,14 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
 
 # ---- the terminal summary of `byztrain report` -------------------------------------------------------------
 
-TERMINAL_HEADER = ("attack", "defense", "final accuracy", "attackers banned", "honest banned", "last attacker banned")
+TERMINAL_HEADER = (
+    "attack",
+    "defense",
+    "final accuracy",
+    "attackers banned",
+    "honest banned",
+    "last attacker banned",
+)
 
 
 def terminal_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
@@ -737,4 +1050,7 @@ def _ban_texts(runs: list[RunData]) -> tuple[str, str, str]:
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    return ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]
+    return [
+        "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]
