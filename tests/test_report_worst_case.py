@@ -115,6 +115,17 @@ def test_a_defense_missing_an_attack_is_marked_and_ranked_after_the_complete_one
     assert [(w.defense, w.complete) for w in ranked] == [("mean", True), ("btard", False)]
     assert ranked[1].accuracy == pytest.approx(0.95) and ranked[1].per_attack["alie"] is None
     assert "| 2 | btard | 95.0 * | sign_flip |" in "\n".join(rep.worst_case_table(by_attack))
+    assert rep.worst_case_rows(rep.load_runs(root))[1] == ("all", "2", "btard", "95.0% *", "sign_flip")
+
+
+def test_a_cell_whose_runs_all_failed_reads_failed_on_the_terminal(tmp_path):
+    root = tmp_path / "runs"
+    run_folder(root, 0.9, attack__name="alie", defense__name="mean")
+    failed = run_folder(root, 0.1, attack__name="alie", defense__name="median", finished=False)
+    (failed / "error.txt").write_text("ValueError: median: x contains NaN\n")
+    run_folder(root, 0.1, attack__name="alie", defense__name="btard", finished=False)  # killed
+    rows = {r[1]: r[2] for r in rep.terminal_rows(rep.load_runs(root))}
+    assert rows == {"mean": "90.0%", "median": "failed", "btard": "unfinished"}
 
 
 # ---- heatmap ----------------------------------------------------------------------------------------------

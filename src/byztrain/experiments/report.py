@@ -659,7 +659,7 @@ def worst_case_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
     rows = []
     for other, by_attack in sorted(group_runs(runs).items(), key=lambda kv: _natural(kv[0])):
         for i, w in enumerate(worst_cases(by_attack), 1):
-            text = _worst_text(w) + ("%" if w.accuracy is not None else "")
+            text = "-" if w.accuracy is None else f"{100 * w.accuracy:.1f}%" + ("" if w.complete else " *")
             rows.append((other or "all", str(i), w.defense, text, w.attack or "-"))
     return rows
 
@@ -1026,7 +1026,7 @@ def terminal_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
 def _accuracy_text(runs: list[RunData]) -> str:
     done = [100 * r.final_accuracy for r in runs if r.finished and r.final_accuracy is not None]
     if not done:
-        return "unfinished"
+        return "failed" if all(r.status == "failed" for r in runs) else "unfinished"
     m, sd = mean_std(done)
     text = f"{m:.1f}%" + (f" ± {sd:.1f}" if len(done) > 1 else "")
     return text + (" *" if len(done) < len(runs) else "")
