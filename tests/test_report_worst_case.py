@@ -118,14 +118,31 @@ def test_a_defense_missing_an_attack_is_marked_and_ranked_after_the_complete_one
     assert rep.worst_case_rows(rep.load_runs(root))[1] == ("all", "2", "btard", "95.0% *", "sign_flip")
 
 
+def test_equal_worst_cases_share_a_rank(tmp_path):
+    root = tmp_path / "runs"
+    for d, accs in {
+        "mean": (0.1, 0.1),
+        "median": (0.5, 0.1),
+        "btard": (0.8, 0.7),
+        "krum": (0.1, 0.3),
+    }.items():
+        for a, acc in zip(("sign_flip", "alie"), accs, strict=True):
+            run_folder(root, acc, attack__name=a, defense__name=d)
+    rows = rep.worst_case_rows(rep.load_runs(root))
+    assert [(r[1], r[2]) for r in rows] == [("1", "btard"), ("2", "mean"), ("2", "krum"), ("2", "median")]
+
+
 def test_a_cell_whose_runs_all_failed_reads_failed_on_the_terminal(tmp_path):
     root = tmp_path / "runs"
     run_folder(root, 0.9, attack__name="alie", defense__name="mean")
     failed = run_folder(root, 0.1, attack__name="alie", defense__name="median", finished=False)
     (failed / "error.txt").write_text("ValueError: median: x contains NaN\n")
     run_folder(root, 0.1, attack__name="alie", defense__name="btard", finished=False)  # killed
-    rows = {r[1]: r[2] for r in rep.terminal_rows(rep.load_runs(root))}
+    runs = rep.load_runs(root)
+    rows = {r[1]: r[2] for r in rep.terminal_rows(runs)}
     assert rows == {"mean": "90.0%", "median": "failed", "btard": "unfinished"}
+    (by_attack,) = rep.group_runs(runs).values()
+    assert rep.accuracy_table(by_attack)[2] == "| alie | 90.0 | — (1 unfinished) | — (1 failed) |"
 
 
 # ---- heatmap ----------------------------------------------------------------------------------------------

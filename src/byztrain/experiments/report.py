@@ -526,7 +526,9 @@ def accuracy_cell(runs: list[RunData]) -> str:
     done = [r.final_accuracy * 100 for r in runs if r.finished and r.final_accuracy is not None]
     pending = [r for r in runs if not r.finished]
     if not done:
-        return f"— ({len(pending)} unfinished)" if pending else "—"
+        failed = sum(1 for r in pending if r.status == "failed")
+        parts = [f"{n} {s}" for n, s in ((len(pending) - failed, "unfinished"), (failed, "failed")) if n]
+        return f"— ({', '.join(parts)})" if pending else "—"
     m, sd = mean_std(done)
     text = f"{m:.1f} ± {sd:.1f}" if len(done) > 1 else f"{m:.1f}"
     return text + (" *" if pending else "")
@@ -630,6 +632,12 @@ def worst_cases(by_attack: dict[str, dict[str, list[RunData]]]) -> list[WorstCas
     return sorted(out, key=lambda w: (w.accuracy is None, not w.complete, -(w.accuracy or 0.0)))
 
 
+def _ranks(ranked: list[WorstCase]) -> list[int]:
+    """Competition ranks (1, 2, 2, 4): defenses whose worst case prints the same share a rank."""
+    keys = [(w.complete, None if w.accuracy is None else round(100 * w.accuracy, 1)) for w in ranked]
+    return [keys.index(k) + 1 for k in keys]
+
+
 def _worst_text(w: WorstCase) -> str:
     if w.accuracy is None:
         return "—"
@@ -646,7 +654,7 @@ def worst_case_table(by_attack: dict[str, dict[str, list[RunData]]]) -> list[str
         "| rank | defense | worst case (%) | worst attack | " + " | ".join(attacks) + " |",
         "|---:|---|---:|---|" + "---:|" * len(attacks),
     ]
-    for i, w in enumerate(ranked, 1):
+    for i, w in zip(_ranks(ranked), ranked, strict=True):
         cells = [accuracy_cell(by_attack[a].get(w.defense, [])) for a in attacks]
         lines.append(
             f"| {i} | {w.defense} | {_worst_text(w)} | {w.attack or '—'} | " + " | ".join(cells) + " |"
@@ -658,7 +666,8 @@ def worst_case_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
     """The terminal form: (group, rank, defense, worst case, worst attack) for every group with >1 attack."""
     rows = []
     for other, by_attack in sorted(group_runs(runs).items(), key=lambda kv: _natural(kv[0])):
-        for i, w in enumerate(worst_cases(by_attack), 1):
+        ranked = worst_cases(by_attack)
+        for i, w in zip(_ranks(ranked), ranked, strict=True):
             text = "-" if w.accuracy is None else f"{100 * w.accuracy:.1f}%" + ("" if w.complete else " *")
             rows.append((other or "all", str(i), w.defense, text, w.attack or "-"))
     return rows
