@@ -89,7 +89,7 @@ def test_cells_count_collapses_stops_and_leave_out_unfinished_runs(sweep_dir):
 
 
 def test_report_md_and_terminal_show_rate_count_interval_and_accuracy(sweep_dir, capsys):
-    rep.make_report(sweep_dir)
+    rep.make_sweep_report(sweep_dir)
     md = (sweep_dir / "report.md").read_text()
     assert "## Collapse rate" in md
     k, n, acc = expected(CELLS[(3.0, None)])
@@ -116,7 +116,7 @@ def test_one_seed_per_cell_adds_no_section(tmp_path):
         fake_run(root, tau, None, 0, 0.3)
     runs = rep.load_runs(root)
     assert collapse.collapse_section(runs) == [] and collapse.terminal_lines(runs) == []
-    rep.make_report(root)
+    rep.make_sweep_report(root)
     assert "Collapse rate" not in (root / "report.md").read_text()
 
 

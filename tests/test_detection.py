@@ -94,7 +94,7 @@ def test_real_runs_agree_with_the_model_and_the_report_shows_it(tmp_path):
     validator's recomputation of a Byzantine peer, and the attackers banned, and their capped ban times, lie
     inside the model's 0.1-99.9 % range for four runs; then `byztrain report` adds the detection section."""
     from byztrain import run
-    from byztrain.experiments.report import make_report
+    from byztrain.experiments import make_report
 
     start, steps, seeds = 3, 11, 4
     cfg = {"peers": 8, "byzantine": 3, "attack": {"name": "sign_flip", "start": start},

@@ -401,7 +401,7 @@ def test_runs_are_labelled_by_what_varies(fake_sweep):
 
 
 def test_report_writes_csv_markdown_and_figures(fake_sweep):
-    outputs = rep.make_report(fake_sweep)
+    outputs = rep.make_sweep_report(fake_sweep)
     assert (outputs.runs, outputs.finished, outputs.unfinished, outputs.failed) == (12, 11, 1, 0)
     with open(fake_sweep / "results.csv") as f:
         rows = list(csv.DictReader(f))

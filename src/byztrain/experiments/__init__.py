@@ -4,7 +4,7 @@
 `byztrain.experiments.sweep` is not shadowed by the function).
 """
 
-from byztrain.experiments.report import make_report
+from byztrain.experiments.run_report import make_report
 from byztrain.experiments.sweep import expand_grid, name_points, plan
 from byztrain.experiments.sweep import sweep as run_sweep
 

@@ -7,7 +7,7 @@ import signal
 import sys
 
 from byztrain.config import split_config_and_overrides
-from byztrain.experiments.report import make_report
+from byztrain.experiments.run_report import make_report
 from byztrain.experiments.sweep import sweep
 
 SWEEP_EPILOG = """\
@@ -23,7 +23,9 @@ examples:
 """
 
 REPORT_EPILOG = """\
-a sweep folder: results.csv, report.md, accuracy-*.png, bans*.png, cclip*.png, and a table on the terminal
+a sweep folder: results.csv, report.md, accuracy-*.png, bans*.png, cclip*.png, heatmap*.png (grids varying
+  byzantine and task.alpha or task.gamma), and a table on the terminal (with the defenses ranked by their
+  worst case over the attacks when there are several)
 one run folder: report.md, results.csv, accuracy.png, loss.png, peers.png, cclip.png (BTARD, cclip_ps), bans.png
 
 examples:

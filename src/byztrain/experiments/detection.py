@@ -32,6 +32,7 @@ import numpy as np
 
 from byztrain.attacks.base import attack_active
 from byztrain.config import Config
+from byztrain.experiments.figures import new_figure
 from byztrain.protocol.validators import choose_validators
 
 #: attacks the model covers: caught by validators only, in every step they are on
@@ -307,12 +308,10 @@ def compare_cell(measured: Measured, runs: int = REPORT_MC_RUNS, boot: int = 100
 def figure_detection(results: list[CellResult]):
     """One panel per cell: the measured share of attackers banned by k steps after the attack start
     (Kaplan-Meier; the empirical CDF when every run has the same length) and the Monte Carlo's."""
-    from byztrain.experiments.report import _new_figure
-
     ncols = min(3, len(results)) if len({r.measured.cell.peers for r in results}) <= 1 else len(
         {r.measured.cell.peers for r in results})
     nrows = -(-len(results) // ncols)
-    fig = _new_figure((max(4.0 * ncols, 6.5), 3.0 * nrows + 0.4))  # room for the title over one panel
+    fig = new_figure((max(4.0 * ncols, 6.5), 3.0 * nrows + 0.4))  # room for the title over one panel
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat[len(results):]:
         ax.set_visible(False)

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from byztrain.config import yaml_load
+from byztrain.config import Config, yaml_load
+from byztrain.experiments import detection
 from byztrain.experiments.collapse import collapse_section, terminal_lines
+from byztrain.experiments.figures import DPI, new_figure
+from byztrain.runtime.trainer import choose_byzantine
 
 # Keys that never label a run: where it logs, thread counts, data locations, the free-text name.
 IGNORED_KEYS = ("name", "log.", "runtime.threads", "runtime.timeout_s", "task.data_dir")
-DPI = 120
 
 
 # ---- loading -------------------------------------------------------------------------------------------
@@ -103,9 +105,6 @@ class RunData:
         if self.summary is not None and "byzantine_peers" in self.summary:
             return [int(p) for p in self.summary["byzantine_peers"]]
         try:  # unfinished run: the same draw the trainer makes
-            from byztrain.config import Config
-            from byztrain.runtime.trainer import choose_byzantine
-
             return choose_byzantine(Config.from_dict(self.config, validate=False))
         except Exception:  # noqa: BLE001 — an odd config must not break the report
             return None
@@ -287,16 +286,6 @@ def _series_stats(runs: list[RunData], key: str, scale: float = 1.0):
     return steps, means, stds
 
 
-def _new_figure(figsize: tuple[float, float]):
-    """A Figure drawn by the Agg backend, independent of pyplot's global state (safe in workers/tests)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _colors(labels: list[str]) -> dict[str, Any]:
     import matplotlib
 
@@ -334,7 +323,7 @@ def _seeds_text(runs: list[RunData]) -> str:
 def figure_accuracy(runs: list[RunData], title: str | None = None):
     """Test accuracy (%) vs step for the runs of one attack: one line per defense (mean over seeds) with a
     +-std band, the attack start as a dashed vertical line."""
-    fig = _new_figure((7.5, 4.6))
+    fig = new_figure((7.5, 4.6))
     ax = fig.add_subplot()
     by_def: dict[str, list[RunData]] = {}
     for r in runs:
@@ -371,7 +360,7 @@ def figure_bans(by_attack: dict[str, list[RunData]], title: str = "Ban timeline:
     attacks = attack_order(by_attack)
     ncols = min(3, max(1, len(attacks)))
     nrows = math.ceil(len(attacks) / ncols) if attacks else 1
-    fig = _new_figure((4.6 * ncols, 3.4 * nrows + 0.6))
+    fig = new_figure((4.6 * ncols, 3.4 * nrows + 0.6))
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
     all_defs = defense_order(r.defense for rs in by_attack.values() for r in rs)
     colors = _colors(all_defs)
@@ -432,7 +421,7 @@ def figure_cclip(runs: list[RunData], title: str = "CenteredClip statistics"):
     keys = cclip_keys(runs)
     ncols = min(2, max(1, len(keys)))
     nrows = math.ceil(len(keys) / ncols) if keys else 1
-    fig = _new_figure((6.2 * ncols, 3.8 * nrows + 0.6))
+    fig = new_figure((6.2 * ncols, 3.8 * nrows + 0.6))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     groups: dict[str, list[RunData]] = {}
     for r in runs:
@@ -527,7 +516,9 @@ def accuracy_cell(runs: list[RunData]) -> str:
     done = [r.final_accuracy * 100 for r in runs if r.finished and r.final_accuracy is not None]
     pending = [r for r in runs if not r.finished]
     if not done:
-        return f"— ({len(pending)} unfinished)" if pending else "—"
+        failed = sum(1 for r in pending if r.status == "failed")
+        parts = [f"{n} {s}" for n, s in ((len(pending) - failed, "unfinished"), (failed, "failed")) if n]
+        return f"— ({', '.join(parts)})" if pending else "—"
     m, sd = mean_std(done)
     text = f"{m:.1f} ± {sd:.1f}" if len(done) > 1 else f"{m:.1f}"
     return text + (" *" if pending else "")
@@ -589,6 +580,284 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-").lower() or "all"
 
 
+# ---- worst case over attacks -----------------------------------------------------------------------------
+
+
+def attacks_only(labels: Iterable[str]) -> list[str]:
+    """The attack labels that name an attack: `none` is the clean reference, not an attack to survive."""
+    return [a for a in attack_order(labels) if not a.startswith("none")]
+
+
+def seed_mean_accuracy(runs: list[RunData]) -> float | None:
+    """Mean final accuracy (fraction) over the finished runs (seeds), None when none finished."""
+    done = [r.final_accuracy for r in runs if r.finished and r.final_accuracy is not None]
+    return statistics.fmean(done) if done else None
+
+
+@dataclass
+class WorstCase:
+    defense: str
+    accuracy: float | None  # min over the attacks of the seed-mean final accuracy (fraction)
+    attack: str | None  # the attack that reaches it
+    per_attack: dict[str, float | None]  # seed-mean final accuracy per attack (None: no finished run)
+
+    @property
+    def complete(self) -> bool:
+        return all(v is not None for v in self.per_attack.values())
+
+
+def worst_cases(by_attack: dict[str, dict[str, list[RunData]]]) -> list[WorstCase]:
+    """ByzFL's criterion: per defense configuration, the minimum over the attacks of the seed-mean final
+    accuracy, ranked best first (a defense missing an attack's results ranks after the complete ones, its
+    minimum being over fewer attacks). Empty when the runs hold fewer than two attacks."""
+    attacks = attacks_only(by_attack)
+    if len(attacks) < 2:
+        return []
+    out = []
+    for d in defense_order(d for a in attacks for d in by_attack[a]):
+        per = {a: seed_mean_accuracy(by_attack[a].get(d, [])) for a in attacks}
+        known = {a: v for a, v in per.items() if v is not None}
+        worst = min(known, key=lambda a: known[a]) if known else None
+        out.append(WorstCase(d, known[worst] if worst else None, worst, per))
+    return sorted(out, key=lambda w: (w.accuracy is None, not w.complete, -(w.accuracy or 0.0)))
+
+
+def _ranks(ranked: list[WorstCase]) -> list[int]:
+    """Competition ranks (1, 2, 2, 4): defenses whose worst case prints the same share a rank."""
+    keys = [(w.complete, None if w.accuracy is None else round(100 * w.accuracy, 1)) for w in ranked]
+    return [keys.index(k) + 1 for k in keys]
+
+
+def _worst_text(w: WorstCase) -> str:
+    if w.accuracy is None:
+        return "—"
+    return f"{100 * w.accuracy:.1f}" + ("" if w.complete else " *")
+
+
+def worst_case_table(by_attack: dict[str, dict[str, list[RunData]]]) -> list[str]:
+    """Markdown: defenses ranked by worst-case accuracy, with the accuracy under each attack (and `none`)."""
+    ranked = worst_cases(by_attack)
+    if not ranked:
+        return []
+    attacks = attack_order(by_attack)
+    lines = [
+        "| rank | defense | worst case (%) | worst attack | " + " | ".join(attacks) + " |",
+        "|---:|---|---:|---|" + "---:|" * len(attacks),
+    ]
+    for i, w in zip(_ranks(ranked), ranked, strict=True):
+        cells = [accuracy_cell(by_attack[a].get(w.defense, [])) for a in attacks]
+        lines.append(
+            f"| {i} | {w.defense} | {_worst_text(w)} | {w.attack or '—'} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def worst_case_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
+    """The terminal form: (group, rank, defense, worst case, worst attack) for every group with >1 attack."""
+    rows = []
+    for other, by_attack in sorted(group_runs(runs).items(), key=lambda kv: _natural(kv[0])):
+        ranked = worst_cases(by_attack)
+        for i, w in zip(_ranks(ranked), ranked, strict=True):
+            text = "-" if w.accuracy is None else f"{100 * w.accuracy:.1f}%" + ("" if w.complete else " *")
+            rows.append((other or "all", str(i), w.defense, text, w.attack or "-"))
+    return rows
+
+
+WORST_CASE_HEADER = ("runs", "rank", "defense", "worst case", "worst attack")
+WORST_CASE_NOTE = (
+    "Worst case over attacks (ByzFL's criterion): per defense, the minimum over the attacks (not `none`) "
+    "of the final test accuracy averaged over seeds; best first. `*`: some attack has no finished run, "
+    "so the minimum is over the others."
+)
+
+
+# ---- heatmap: Byzantine peers x heterogeneity ----------------------------------------------------------------
+
+HETEROGENEITY = {
+    "task.alpha": "Dirichlet concentration α (task.alpha; smaller: more label skew)",
+    "task.gamma": "iid share γ (task.gamma; 0: sorted by label, 1: iid)",
+}
+
+
+def heatmap_key(runs: list[RunData]) -> str | None:
+    """The heterogeneity key when the runs vary both `byzantine` and it, else None."""
+    varying = {k for r in runs for k in r.params}
+    if "byzantine" not in varying:
+        return None
+    return next((k for k in HETEROGENEITY if k in varying), None)
+
+
+def heatmap_groups(runs: list[RunData]) -> dict[str, list[RunData]]:
+    """One heatmap per value of the varying keys other than f, heterogeneity, seed, attack and defense."""
+    het = heatmap_key(runs)
+    if het is None:
+        return {}
+    rest = sorted(
+        {k for r in runs for k in r.params}
+        - {"seed", "byzantine", het}
+        - {k for r in runs for k in r.params if k.startswith(("attack.", "defense."))}
+    )
+    out: dict[str, list[RunData]] = {}
+    for r in runs:
+        out.setdefault(", ".join(f"{k}={fmt(r.flat.get(k))}" for k in rest), []).append(r)
+    return out
+
+
+def _sort_values(values: Iterable[Any]) -> list[Any]:
+    return sorted(
+        set(values),
+        key=lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v)),
+    )
+
+
+def heatmap_cells(runs: list[RunData], het: str) -> dict[str, dict[tuple[Any, Any], float]]:
+    """defense -> (f, heterogeneity) -> final test accuracy (%): the seed mean, the worst case over the attacks
+    when there are several (`none` counts only where it is the sole attack). A cell with an attack lacking a
+    finished run is left out."""
+    cells: dict[tuple[str, Any, Any], dict[str, list[RunData]]] = {}
+    for r in runs:
+        key = (r.defense, r.flat.get("byzantine"), r.flat.get(het))
+        cells.setdefault(key, {}).setdefault(r.attack, []).append(r)
+    out: dict[str, dict[tuple[Any, Any], float]] = {}
+    for (d, f, h), by_attack in cells.items():
+        values = [seed_mean_accuracy(by_attack[a]) for a in attacks_only(by_attack) or list(by_attack)]
+        if values and all(v is not None for v in values):
+            out.setdefault(d, {})[(f, h)] = 100 * min(values)
+    return out
+
+
+def _heat_panel(ax, grid, fs, hs, het, title, **imshow):
+    im = ax.imshow(grid, origin="lower", aspect="auto", **imshow)
+    ax.set_xticks(range(len(hs)), [fmt(h) for h in hs])
+    ax.set_yticks(range(len(fs)), [fmt(f) for f in fs])
+    ax.set_xlabel(HETEROGENEITY[het], fontsize=8)
+    ax.set_ylabel("Byzantine peers f (count)")
+    ax.set_title(title, fontsize=10)
+    return im
+
+
+def _cell_text(ax, i, j, text, value) -> None:
+    color = "white" if value < 60 else "black"  # viridis is dark below ~60%
+    ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
+
+
+def figure_heatmap(runs: list[RunData], title: str | None = None):
+    """Final test accuracy (%) per (Byzantine peers f, heterogeneity) cell: one panel per defense (the worst
+    case over the attacks when several) and a last panel naming the best defense of each cell. Raises
+    ValueError when the runs do not vary both `byzantine` and `task.alpha`/`task.gamma`."""
+    import numpy as np
+
+    het = heatmap_key(runs)
+    if het is None:
+        raise ValueError(
+            "a heatmap needs runs that vary both `byzantine` and one of "
+            + ", ".join(f"`{k}`" for k in HETEROGENEITY)
+        )
+    cells = heatmap_cells(runs, het)
+    defenses = defense_order(cells)
+    fs = _sort_values(r.flat.get("byzantine") for r in runs)
+    hs = _sort_values(r.flat.get(het) for r in runs)
+    ncols = min(4, len(defenses) + 1)
+    nrows = math.ceil((len(defenses) + 1) / ncols)
+    fig = new_figure((3.6 * ncols + 1.0, 3.0 * nrows + 0.9))
+    axes = [ax for row in fig.subplots(nrows, ncols, squeeze=False) for ax in row]
+    im = None
+    grids = {}
+    for ax, d in zip(axes, defenses, strict=False):
+        grid = np.full((len(fs), len(hs)), np.nan)
+        for (f, h), v in cells[d].items():
+            grid[fs.index(f), hs.index(h)] = v
+        grids[d] = grid
+        im = _heat_panel(ax, grid, fs, hs, het, d, cmap="viridis", vmin=0, vmax=100)
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                _cell_text(ax, i, j, f"{v:.1f}", v)
+    _best_panel(axes[len(defenses)], grids, defenses, fs, hs, het)
+    for ax in axes[len(defenses) + 1 :]:
+        ax.set_visible(False)
+    if im is not None:
+        fig.colorbar(im, ax=axes[: len(defenses)], label="final test accuracy (%)", shrink=0.9)
+    attacks = attacks_only(r.attack for r in runs)
+    how = (
+        "worst case over attacks: " + ", ".join(attacks)
+        if len(attacks) > 1
+        else f"attack: {attacks[0]}"
+        if attacks
+        else "no attack"
+    )
+    fig.suptitle(
+        (title or "Final test accuracy (%) by Byzantine peers f and heterogeneity")
+        + f"\n{how}; mean over {_seeds_text(runs)}",
+        fontsize=11,
+    )
+    return fig
+
+
+def _best_panel(ax, grids, defenses, fs, hs, het) -> None:
+    """Each cell coloured by its best defense (ties at 0.1 points: all named), its accuracy written in."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colors = _colors(defenses)
+    index = np.full((len(fs), len(hs)), np.nan)
+    for i in range(len(fs)):
+        for j in range(len(hs)):
+            vals = {d: g[i, j] for d, g in grids.items() if not np.isnan(g[i, j])}
+            if not vals:
+                continue
+            top = max(vals.values())
+            best = [d for d in defenses if d in vals and round(vals[d], 1) == round(top, 1)]
+            index[i, j] = defenses.index(best[0])
+            ax.text(j, i, "\n".join([*best, f"{top:.1f}%"]), ha="center", va="center", fontsize=7)
+    cmap = ListedColormap([colors[d] for d in defenses] or ["white"])
+    _heat_panel(
+        ax,
+        index,
+        fs,
+        hs,
+        het,
+        "best defense per cell",
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=max(len(defenses), 1) - 0.5,
+        alpha=0.55,
+    )
+    used = sorted({int(v) for v in index.flat if not np.isnan(v)})
+    handles = [Patch(color=colors[defenses[k]], alpha=0.55, label=defenses[k]) for k in used]
+    if handles:
+        ax.legend(
+            handles=handles,
+            title="best defense",
+            fontsize=7,
+            title_fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+        )
+
+
+def heatmap_table(runs: list[RunData]) -> list[str]:
+    """Markdown of the heatmap's numbers: one row per defense, one column per (f, heterogeneity) cell."""
+    het = heatmap_key(runs)
+    if het is None:
+        return []
+    cells = heatmap_cells(runs, het)
+    keys = [
+        (f, h)
+        for f in _sort_values(r.flat.get("byzantine") for r in runs)
+        for h in _sort_values(r.flat.get(het) for r in runs)
+    ]
+    short = het.split(".")[-1]
+    lines = [
+        "| defense | " + " | ".join(f"f={fmt(f)}, {short}={fmt(h)}" for f, h in keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for d in defense_order(cells):
+        vals = [cells[d].get(k) for k in keys]
+        lines.append(f"| {d} | " + " | ".join("—" if v is None else f"{v:.1f}" for v in vals) + " |")
+    return lines
+
+
 # ---- the report ------------------------------------------------------------------------------------------
 
 
@@ -613,14 +882,33 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutputs:
+def _heatmap_section(runs: list[RunData], out: Path) -> tuple[list[str], list[Path]]:
+    """report.md lines and figures of the f x heterogeneity heatmaps (none unless the grid varies both)."""
+    md: list[str] = []
+    figures: list[Path] = []
+    for rest, group in sorted(heatmap_groups(runs).items(), key=lambda kv: _natural(kv[0])):
+        heading = f" — {rest}" if rest else ""
+        suffix = f"--{_slug(rest)}" if rest else ""
+        path = _save(figure_heatmap(group), out / f"heatmap{suffix}.png")
+        figures.append(path)
+        md += [f"## Final test accuracy (%) by Byzantine peers and heterogeneity{heading}", ""]
+        md += [
+            "Seed mean of the final test accuracy; with several attacks, the worst case over them "
+            "(`none` excluded). A cell is empty (—) when some attack has no finished run.",
+            "",
+            *heatmap_table(group),
+            "",
+            f"![final accuracy by f and heterogeneity]({path.name})",
+            "",
+        ]
+    return md, figures
+
+
+def make_sweep_report(root: str | Path, out: str | Path | None = None) -> ReportOutputs:
+    """The report of a sweep folder (`byztrain report` on a single run folder is run_report's)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
-    from byztrain.experiments.run_report import is_run_folder, make_run_report  # imports this module
-
-    if is_run_folder(root):
-        return make_run_report(root, out)
     out = Path(out) if out is not None else root
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(root)
@@ -652,6 +940,9 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
             "`*`: some seeds unfinished or failed."
         )
         md += ["", *accuracy_table(by_attack), ""]
+        worst = worst_case_table(by_attack)
+        if worst:
+            md += [f"### Worst case over attacks{heading}", "", WORST_CASE_NOTE, "", *worst, ""]
         md += [f"### Bans{heading}", ""]
         notes = ban_notes(by_attack)
         md += notes if notes else ["No peer was banned in any run."]
@@ -675,9 +966,10 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
             figures.append(path)
             md.append(f"![CenteredClip statistics]({path.name})")
         md.append("")
-    md += collapse_section(runs)  # collapse rate per cell over seeds (its own module)
-    from byztrain.experiments import detection  # ban times against the validator model (its own module)
-
+    heat_md, heat_figs = _heatmap_section(runs, out)
+    md += heat_md
+    figures += heat_figs
+    md += collapse_section(runs)  # collapse rate per cell over seeds
     if detection.is_detection_grid(runs):
         lines, paths = detection.detection_report(runs, out)
         md, figures = md + lines, figures + paths
@@ -693,7 +985,15 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
         md.append("")
     report = out / "report.md"
     report.write_text("\n".join(md))
-    table = format_table(TERMINAL_HEADER, terminal_rows(runs)) + terminal_lines(runs)
+    table = format_table(TERMINAL_HEADER, terminal_rows(runs))
+    worst_rows = worst_case_rows(runs)
+    if worst_rows:
+        table += [
+            "",
+            "worst case over attacks (min over attacks of the seed-mean final accuracy), best first:",
+        ]
+        table += format_table(WORST_CASE_HEADER, worst_rows)
+    table += terminal_lines(runs)
     return ReportOutputs(
         results, report, figures, len(runs), counts["finished"], counts["unfinished"], counts["failed"], table
     )
@@ -701,7 +1001,14 @@ def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutput
 
 # ---- the terminal summary of `byztrain report` -------------------------------------------------------------
 
-TERMINAL_HEADER = ("attack", "defense", "final accuracy", "attackers banned", "honest banned", "last attacker banned")
+TERMINAL_HEADER = (
+    "attack",
+    "defense",
+    "final accuracy",
+    "attackers banned",
+    "honest banned",
+    "last attacker banned",
+)
 
 
 def terminal_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
@@ -720,7 +1027,7 @@ def terminal_rows(runs: list[RunData]) -> list[tuple[str, ...]]:
 def _accuracy_text(runs: list[RunData]) -> str:
     done = [100 * r.final_accuracy for r in runs if r.finished and r.final_accuracy is not None]
     if not done:
-        return "unfinished"
+        return "failed" if all(r.status == "failed" for r in runs) else "unfinished"
     m, sd = mean_std(done)
     text = f"{m:.1f}%" + (f" ± {sd:.1f}" if len(done) > 1 else "")
     return text + (" *" if len(done) < len(runs) else "")
@@ -744,4 +1051,7 @@ def _ban_texts(runs: list[RunData]) -> tuple[str, str, str]:
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    return ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]
+    return [
+        "  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]

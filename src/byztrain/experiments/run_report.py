@@ -10,14 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from byztrain.experiments.figures import new_figure
 from byztrain.experiments.report import (
     ReportOutputs,
     RunData,
     _attack_marks,
-    _new_figure,
     _read_jsonl,
     _save,
     load_run,
+    make_sweep_report,
     write_results_csv,
 )
 
@@ -63,7 +64,7 @@ def _run_title(run: RunData) -> str:
 
 
 def _curve(run: RunData, key: str, ylabel: str, title: str, scale: float = 1.0, **style):
-    fig = _new_figure((7.0, 4.0))
+    fig = new_figure((7.0, 4.0))
     ax = fig.add_subplot()
     series = run.series(key, scale)
     style = {"marker": "o" if len(series) < 40 else "", "markersize": 3, **style}
@@ -111,7 +112,7 @@ def figure_run_cclip(run: RunData):
     keys = sorted(k for k in logged if (k.startswith("cclip_iter") or k in CCLIP_ITER_KEYS) and run.series(k))
     if not keys:
         return None
-    fig = _new_figure((7.0, 4.0))
+    fig = new_figure((7.0, 4.0))
     ax = fig.add_subplot()
     for key in keys:
         series = run.series(key)
@@ -132,7 +133,7 @@ def figure_ban_timeline(run: RunData):
     byzantine = set(run.byzantine_peers or [])
     last = run.steps or 0
     bans = run.bans
-    fig = _new_figure((7.0, 1.6 + 0.22 * peers))
+    fig = new_figure((7.0, 1.6 + 0.22 * peers))
     ax = fig.add_subplot()
     labelled: set[str] = set()  # one legend entry per kind of line
 
@@ -251,3 +252,10 @@ def make_run_report(path: str | Path, out: str | Path | None = None) -> ReportOu
     return ReportOutputs(
         results, report, figures, 1, counts["finished"], counts["unfinished"], counts["failed"], table
     )
+
+
+def make_report(root: str | Path, out: str | Path | None = None) -> ReportOutputs:
+    """`byztrain report ROOT`: the single-run report of a run folder, the sweep report of anything else."""
+    if is_run_folder(root):
+        return make_run_report(root, out)
+    return make_sweep_report(root, out)
