@@ -16,6 +16,15 @@ from byztrain.protocol.mprng import secret_from_key
 from byztrain.runtime.workload import Workload, public_seed
 
 
+class Diverged(RuntimeError):
+    """An honest peer's true gradient is not finite: training has diverged (a defense let a huge update through,
+    or the learning rate is too high). Not a fault of that peer, so nobody is banned: the run ends here."""
+
+    def __init__(self, step: int, peer: int):
+        self.step, self.peer = step, peer
+        super().__init__(f"training diverged at step {step}: peer {peer}'s honest gradient is not finite")
+
+
 @dataclass
 class History:
     """What a validator needs about the previous step: its parameters and the randomness its seeds used."""
@@ -135,6 +144,8 @@ class Round:
             x, y = self.workload.batch(peer, self.seed(peer))
             if attack is None:
                 _, loss = self.workload.gradient(x, y, out[row])
+                if peer not in self.byzantine and not (math.isfinite(loss) and torch.isfinite(out[row]).all()):
+                    raise Diverged(self.step, peer)
                 if peer not in self.byzantine:
                     self.losses[peer] = loss
                     honest_rows.append(row)

@@ -24,7 +24,7 @@ from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime import majority
 from byztrain.runtime.outputs import RunWriter
 from byztrain.runtime.progress import progress_bar
-from byztrain.runtime.round import History, Round
+from byztrain.runtime.round import Diverged, History, Round
 from byztrain.runtime.workload import Workload, public_seed
 
 
@@ -78,6 +78,7 @@ class Trainer:
         self.banned: dict[int, int] = {}  # peer -> step of the ban
         self.silent_bans: set[int] = set()  # banned for silence (a crash in the distributed runtime)
         self.majority_lost: dict | None = None  # set when the run must stop (runtime/majority.py)
+        self.diverged_at: int | None = None  # the step whose honest gradients were not finite
         self.shared_random = public_seed(config.seed, 0, -1, 0)  # r_0, before any MPRNG ran
         self.previous: History | None = None
         self.keep_history = getattr(self.defense, "needs_history", False)
@@ -206,7 +207,11 @@ class Trainer:
         if self.step == 0:
             self._log({"step": 0, **self.evaluate(), "active_peers": len(self.active), "banned": []}, started)
         while self.step < cfg.train.steps:
-            record = self.train_step()
+            try:
+                record = self.train_step()
+            except Diverged as exc:
+                self._stop_diverged(exc, started)
+                break
             self._window.append(record)
             step = self.step
             self._after_step()
@@ -246,6 +251,13 @@ class Trainer:
             merged.update(self.evaluate())
         self._log(dict(merged), started)
         return merged
+
+    def _stop_diverged(self, exc: Diverged, started: float) -> None:
+        """End the run at the last completed step: its metrics, a final evaluation and a `diverged` event."""
+        self._emit("diverged", peer=exc.peer, reason=str(exc))  # at the step it happened
+        self.step = exc.step - 1
+        self.diverged_at = exc.step
+        self._log_window(started, evaluate=True)
 
     # ---- the honest-majority stop (runtime/majority.py) ------------------------------------------
     def _check_majority(self) -> dict | None:
@@ -391,6 +403,7 @@ class Trainer:
             "final_test_accuracy": self.test_accuracy,
             "best_test_accuracy": self.best_accuracy,
             "steps": self.step,
+            "diverged_at": self.diverged_at,
             "wall_seconds": round(wall, 3),
             "byzantine_peers": self.byzantine,
             "banned": {str(p): s for p, s in sorted(self.banned.items())},
