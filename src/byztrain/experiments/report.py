@@ -831,8 +831,9 @@ def _best_panel(ax, grids, defenses, fs, hs, het) -> None:
             title="best defense",
             fontsize=7,
             title_fontsize=8,
-            loc="upper left",
-            bbox_to_anchor=(1.02, 1.0),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.22),  # below the axis label: beside it, it would widen the column
+            ncols=min(3, len(handles)),
         )
 
 
