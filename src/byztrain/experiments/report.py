@@ -323,12 +323,12 @@ def _seeds_text(runs: list[RunData]) -> str:
 def figure_accuracy(runs: list[RunData], title: str | None = None):
     """Test accuracy (%) vs step for the runs of one attack: one line per defense (mean over seeds) with a
     +-std band, the attack start as a dashed vertical line."""
-    fig = new_figure((7.5, 4.6))
-    ax = fig.add_subplot()
     by_def: dict[str, list[RunData]] = {}
     for r in runs:
         by_def.setdefault(r.defense, []).append(r)
     labels = defense_order(by_def)
+    fig = new_figure((7.5 if len(labels) <= 6 else 9.5, 4.6))
+    ax = fig.add_subplot()
     colors = _colors(labels)
     for lab in labels:
         steps, mean, std = _series_stats(by_def[lab], "test_accuracy", 100.0)
@@ -349,7 +349,10 @@ def figure_accuracy(runs: list[RunData], title: str | None = None):
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="defense", loc="best", fontsize=9)
+    if len(labels) <= 6:
+        ax.legend(title="defense", loc="best", fontsize=9)
+    else:  # many defenses: beside the plot, so the curves stay visible
+        ax.legend(title="defense", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, ncols=1 + len(labels) // 18)
     return fig
 
 
