@@ -79,10 +79,12 @@ def test_cosine_schedule_decays_to_near_zero():
     assert lr_at(longer, 100) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 99 / 1000)))
 
 
-def test_sign_flip_under_mean_diverges_but_run_completes(tmp_path):
+def test_sign_flip_under_mean_diverges_and_the_run_ends_with_its_summary(tmp_path):
     cfg = _small(tmp_path, byzantine=1, attack={"name": "sign_flip"}, train={"steps": 10, "eval_every": 10})
     summary = byztrain.run(cfg, quiet=True)
-    assert summary["steps"] == 10 and summary["byzantine_peers"] and summary["honest_banned"] == 0
+    assert summary["diverged_at"] is not None and summary["steps"] == summary["diverged_at"] - 1 < 10
+    assert summary["byzantine_peers"] and summary["honest_banned"] == 0
+    assert any(tmp_path.rglob("summary.json"))
 
 
 @pytest.mark.slow
