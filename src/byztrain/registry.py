@@ -88,26 +88,23 @@ class Choice:
 
 
 @dataclass(frozen=True)
-class Bool:
-    def error(self, v: Any) -> str | None:
-        return None if isinstance(v, bool) else "must be true or false"
+class OfType:
+    """Any value of one Python type (a plugin's own check may narrow it)."""
 
-    def text(self) -> str:
-        return "true or false"
-
-
-@dataclass(frozen=True)
-class Text:
-    """Any string (the plugin's own check narrows it)."""
+    type_: type
+    name: str
 
     def error(self, v: Any) -> str | None:
-        return None if isinstance(v, str) else "must be a string"
+        return None if isinstance(v, self.type_) else f"must be {self.name}"
 
     def text(self) -> str:
-        return "a string"
+        return self.name
 
 
-Kind = Int | Real | Choice | Bool | Text
+BOOL = OfType(bool, "true or false")
+TEXT = OfType(str, "a string")
+
+Kind = Int | Real | Choice | OfType
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,7 @@ class Param:
         if err is not None:
             null = " or null" if self.default is None else ""
             raise ConfigError(field_path, f"{err}{null}, got {value!r}")
-        return value
+        return float(value) if isinstance(self.kind, Real) else value
 
     def accepted(self) -> str:
         return self.kind.text() + (" or null" if self.default is None else "")

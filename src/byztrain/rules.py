@@ -26,7 +26,7 @@ import torch
 
 from byztrain import aggregators as A
 from byztrain.errors import ConfigError
-from byztrain.registry import AGGREGATORS, PRE_AGGREGATORS, Bool, Choice, Entry, Int, Param, Real
+from byztrain.registry import AGGREGATORS, BOOL, PRE_AGGREGATORS, Choice, Entry, Int, Param, Real
 
 __all__ = ["AGGREGATORS", "PRE_AGGREGATORS", "Bound", "BoundAggregator", "BoundPreAggregator", "build_aggregator", "build_pre_aggregator", "need"]
 
@@ -156,7 +156,7 @@ for _entry in (
         "cclip_ps", "CenteredClip on whole vectors, on a trusted parameter server (defense.tau)", obj=_cclip_bind,
         params=(
             Param("iters", Int(1), None, "run exactly this many iterations (excludes tol, max_iters)"),
-            Param("momentum", Bool(), False, "start from the previous step's output (stateful)"),
+            Param("momentum", BOOL, False, "start from the previous step's output (stateful)"),
             Param("tol", Real(0), 1e-6, "stop when the update is below tol (default: defense.cclip_tol)"),
             Param("max_iters", Int(1), 1000, "iteration cap (default: defense.cclip_max_iters)"),
             Param("median", Choice(A.MEDIAN_MODES), "lower", "start: the coordinate median, even n by this"),

@@ -20,7 +20,7 @@ from byztrain.attacks._util import generator, unit_direction
 from byztrain.attacks.base import Attack, register
 from byztrain.protocol.mprng import xor_bytes
 from byztrain.protocol.validators import choose_validators
-from byztrain.registry import ATTACKS, Choice, Param, Real, Text
+from byztrain.registry import ATTACKS, TEXT, Choice, Param, Real
 
 BTARD = ("btard",)
 
@@ -210,7 +210,7 @@ class ValidatorDodge(Attack):
 
     name = "validator_dodge"
     reference = "byztrain (BTARD threat model: validator-aware cheater)"
-    spec = (Param("base", Text(), "sign_flip", "the gradient or data attack applied when unchecked"),)
+    spec = (Param("base", TEXT, "sign_flip", "the gradient or data attack applied when unchecked"),)
     requires_defense = BTARD
 
     def __init__(self, params, config, peer):

@@ -110,8 +110,7 @@ def _params(config: Config) -> dict:
             "defense.cclip_tol",
             f"btard's CenteredClip cannot meet a tolerance below {MIN_CCLIP_TOL:g} in float32, got {d.cclip_tol}",
         )
-    p = DEFENSES["btard"].bind(d.params, "defense.params")
-    return {k: float(v) if isinstance(v, (int, float)) and k != "check_projections" else v for k, v in p.items()}
+    return DEFENSES["btard"].bind(d.params, "defense.params")
 
 
 def _check_config(config: Config) -> None:
