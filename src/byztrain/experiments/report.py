@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
 from byztrain.config import Config, yaml_load
 from byztrain.experiments import detection
 from byztrain.experiments.collapse import collapse_section, terminal_lines
@@ -287,8 +293,6 @@ def _series_stats(runs: list[RunData], key: str, scale: float = 1.0):
 
 
 def _colors(labels: list[str]) -> dict[str, Any]:
-    import matplotlib
-
     cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
     return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
 
@@ -358,8 +362,6 @@ def figure_accuracy(runs: list[RunData], title: str | None = None):
 
 def figure_bans(by_attack: dict[str, list[RunData]], title: str = "Ban timeline: active peers vs step"):
     """Active peers vs step, one panel per attack, one line per defense (mean over seeds)."""
-    from matplotlib.ticker import MaxNLocator
-
     attacks = attack_order(by_attack)
     ncols = min(3, max(1, len(attacks)))
     nrows = math.ceil(len(attacks) / ncols) if attacks else 1
@@ -748,8 +750,6 @@ def figure_heatmap(runs: list[RunData], title: str | None = None):
     """Final test accuracy (%) per (Byzantine peers f, heterogeneity) cell: one panel per defense (the worst
     case over the attacks when several) and a last panel naming the best defense of each cell. Raises
     ValueError when the runs do not vary both `byzantine` and `task.alpha`/`task.gamma`."""
-    import numpy as np
-
     het = heatmap_key(runs)
     if het is None:
         raise ValueError(
@@ -798,10 +798,6 @@ def figure_heatmap(runs: list[RunData], title: str | None = None):
 
 def _best_panel(ax, grids, defenses, fs, hs, het) -> None:
     """Each cell coloured by its best defense (ties at 0.1 points: all named), its accuracy written in."""
-    import numpy as np
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
     colors = _colors(defenses)
     index = np.full((len(fs), len(hs)), np.nan)
     for i in range(len(fs)):
@@ -908,6 +904,63 @@ def _heatmap_section(runs: list[RunData], out: Path) -> tuple[list[str], list[Pa
     return md, figures
 
 
+def _group_section(other: str, by_attack: dict, out: Path) -> tuple[list[str], list[Path]]:
+    """report.md's section for one value of the grid's other varying keys: accuracy, worst case, bans, figures."""
+    md: list[str] = []
+    figures: list[Path] = []
+    suffix = f"--{_slug(other)}" if other else ""
+    heading = f" — {other}" if other else ""
+    all_runs = [r for a in by_attack.values() for rs in a.values() for r in rs]
+    md += [f"## Final test accuracy (%){heading}", ""]
+    md.append(
+        f"Mean ± sample std over seeds ({_seeds_text(all_runs)}), finished runs only; "
+        "`*`: some seeds unfinished or failed."
+    )
+    md += ["", *accuracy_table(by_attack), ""]
+    worst = worst_case_table(by_attack)
+    if worst:
+        md += [f"### Worst case over attacks{heading}", "", WORST_CASE_NOTE, "", *worst, ""]
+    md += [f"### Bans{heading}", ""]
+    notes = ban_notes(by_attack)
+    md += notes if notes else ["No peer was banned in any run."]
+    md.append("")
+    md += [f"### Figures{heading}", ""]
+    for attack in attack_order(by_attack):
+        runs_a = [r for rs in by_attack[attack].values() for r in rs]
+        path = _save(figure_accuracy(runs_a), out / f"accuracy-{_slug(attack)}{suffix}.png")
+        figures.append(path)
+        md.append(f"![test accuracy under {attack}]({path.name})")
+    flat_by_attack = {a: [r for rs in d.values() for r in rs] for a, d in by_attack.items()}
+    if any(any("active_peers" in rec for rec in r.metrics) for r in all_runs):
+        title = "Ban timeline: active peers vs step" + (f" ({other})" if other else "")
+        path = _save(figure_bans(flat_by_attack, title), out / f"bans{suffix}.png")
+        figures.append(path)
+        md.append(f"![ban timeline]({path.name})")
+    cclip_runs = [r for r in all_runs if any(k.startswith("cclip") for rec in r.metrics for k in rec)]
+    if cclip_runs:
+        title = "CenteredClip statistics" + (f" ({other})" if other else "")
+        path = _save(figure_cclip(cclip_runs, title), out / f"cclip{suffix}.png")
+        figures.append(path)
+        md.append(f"![CenteredClip statistics]({path.name})")
+    md.append("")
+    return md, figures
+
+
+def _problems_section(runs: list[RunData]) -> list[str]:
+    problems = [r for r in runs if r.status != "finished"]
+    if not problems:
+        return []
+    md = ["## Unfinished and failed runs", ""]
+    for r in problems:
+        line = f"- `{r.rel}`: {r.status}, last logged step {r.steps}"
+        if r.error:
+            last = [x for x in r.error.strip().splitlines() if x.strip()]
+            line += f" — {last[-1].strip() if last else 'error'} (see error.txt)"
+        md.append(line)
+    md.append("")
+    return md
+
+
 def make_sweep_report(root: str | Path, out: str | Path | None = None) -> ReportOutputs:
     """The report of a sweep folder (`byztrain report` on a single run folder is run_report's)."""
     root = Path(root)
@@ -934,42 +987,8 @@ def make_sweep_report(root: str | Path, out: str | Path | None = None) -> Report
         )
     md += ["", "Per-run numbers: [results.csv](results.csv).", ""]
     for other in sorted(grouped, key=_natural):
-        by_attack = grouped[other]
-        suffix = f"--{_slug(other)}" if other else ""
-        heading = f" — {other}" if other else ""
-        all_runs = [r for a in by_attack.values() for rs in a.values() for r in rs]
-        md += [f"## Final test accuracy (%){heading}", ""]
-        md.append(
-            f"Mean ± sample std over seeds ({_seeds_text(all_runs)}), finished runs only; "
-            "`*`: some seeds unfinished or failed."
-        )
-        md += ["", *accuracy_table(by_attack), ""]
-        worst = worst_case_table(by_attack)
-        if worst:
-            md += [f"### Worst case over attacks{heading}", "", WORST_CASE_NOTE, "", *worst, ""]
-        md += [f"### Bans{heading}", ""]
-        notes = ban_notes(by_attack)
-        md += notes if notes else ["No peer was banned in any run."]
-        md.append("")
-        md += [f"### Figures{heading}", ""]
-        for attack in attack_order(by_attack):
-            runs_a = [r for rs in by_attack[attack].values() for r in rs]
-            path = _save(figure_accuracy(runs_a), out / f"accuracy-{_slug(attack)}{suffix}.png")
-            figures.append(path)
-            md.append(f"![test accuracy under {attack}]({path.name})")
-        flat_by_attack = {a: [r for rs in d.values() for r in rs] for a, d in by_attack.items()}
-        if any(any("active_peers" in rec for rec in r.metrics) for r in all_runs):
-            title = "Ban timeline: active peers vs step" + (f" ({other})" if other else "")
-            path = _save(figure_bans(flat_by_attack, title), out / f"bans{suffix}.png")
-            figures.append(path)
-            md.append(f"![ban timeline]({path.name})")
-        cclip_runs = [r for r in all_runs if any(k.startswith("cclip") for rec in r.metrics for k in rec)]
-        if cclip_runs:
-            title = "CenteredClip statistics" + (f" ({other})" if other else "")
-            path = _save(figure_cclip(cclip_runs, title), out / f"cclip{suffix}.png")
-            figures.append(path)
-            md.append(f"![CenteredClip statistics]({path.name})")
-        md.append("")
+        group_md, group_figs = _group_section(other, grouped[other], out)
+        md, figures = md + group_md, figures + group_figs
     heat_md, heat_figs = _heatmap_section(runs, out)
     md += heat_md
     figures += heat_figs
@@ -977,16 +996,7 @@ def make_sweep_report(root: str | Path, out: str | Path | None = None) -> Report
     if detection.is_detection_grid(runs):
         lines, paths = detection.detection_report(runs, out)
         md, figures = md + lines, figures + paths
-    problems = [r for r in runs if r.status != "finished"]
-    if problems:
-        md += ["## Unfinished and failed runs", ""]
-        for r in problems:
-            line = f"- `{r.rel}`: {r.status}, last logged step {r.steps}"
-            if r.error:
-                last = [x for x in r.error.strip().splitlines() if x.strip()]
-                line += f" — {last[-1].strip() if last else 'error'} (see error.txt)"
-            md.append(line)
-        md.append("")
+    md += _problems_section(runs)
     report = out / "report.md"
     report.write_text("\n".join(md))
     table = format_table(TERMINAL_HEADER, terminal_rows(runs))

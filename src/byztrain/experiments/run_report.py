@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.ticker import MaxNLocator
+
 from byztrain.experiments.figures import new_figure
 from byztrain.experiments.report import (
     ReportOutputs,
@@ -89,8 +91,6 @@ def figure_run_loss(run: RunData):
 
 
 def figure_run_peers(run: RunData):
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = _curve(run, "active_peers", "active peers (count)", "Active peers (banned peers leave)",
                      marker="", drawstyle="steps-post")
     peers, byz = int(run.flat.get("peers", 0)), int(run.flat.get("byzantine", 0) or 0)
