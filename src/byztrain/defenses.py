@@ -18,6 +18,7 @@ from byztrain.config import Config
 from byztrain.errors import ConfigError
 from byztrain.registry import DEFENSES, SERVER, Entry, defense_entry
 from byztrain.rules import BoundAggregator, BoundPreAggregator, build_aggregator, build_pre_aggregator
+from byztrain.runtime import majority
 
 if TYPE_CHECKING:
     from byztrain.runtime.round import Round
@@ -41,11 +42,13 @@ class Defense:
 
 
 def server_pipeline(
-    config: Config, n: int, generator: torch.Generator
+    config: Config, n: int, generator: torch.Generator, f: int | None = None
 ) -> tuple[list[BoundPreAggregator], BoundAggregator]:
-    """defense.pre and the rule defense.name bound for ``n`` input rows, every precondition checked."""
+    """defense.pre and the rule defense.name bound for ``n`` input rows and ``f`` Byzantine ones among them
+    (default: defense.f, else the run's byzantine), every precondition checked."""
     d = config.defense
-    f = config.byzantine if d.f is None else d.f
+    if f is None:
+        f = config.byzantine if d.f is None else d.f
     pre = []
     for name in d.pre:
         pre.append(build_pre_aggregator(name, f=f, params=d.params, generator=generator, n=n))
@@ -59,22 +62,45 @@ def server_pipeline(
 
 
 class AggregatorDefense(Defense):
-    """A trusted-server baseline: optional pre-aggregators, then one robust rule over the full vectors."""
+    """A trusted-server baseline: optional pre-aggregators, then one robust rule over the full vectors.
+
+    The rule is bound for the rows that arrive and the Byzantine peers that may be among them: f less the
+    peers convicted of a malformed message (Byzantine for certain). A peer gone silent may have crashed
+    honestly, so f stays; when the rule's precondition then fails, the run stops here."""
 
     def __init__(self, config: Config):
         super().__init__(config)
         self._generator = torch.Generator().manual_seed(config.seed + 7_919)
+        self._f = config.byzantine if config.defense.f is None else config.defense.f
         self.pre, self.aggregate = server_pipeline(config, config.peers, self._generator)
+        self._pipelines = {(config.peers, self._f): (self.pre, self.aggregate)}
         self.name = config.defense.name
+
+    def _pipeline(self, rows: int, convicted: int) -> tuple[list[BoundPreAggregator], BoundAggregator]:
+        f = max(0, self._f - convicted)
+        if (rows, f) not in self._pipelines:
+            try:
+                pre, rule = server_pipeline(self.config, rows, self._generator, f=f)
+            except ValueError as exc:
+                raise RuntimeError(
+                    f"defense {self.name!r} cannot aggregate the {rows} peers left with f={f}: {exc}"
+                ) from None
+            if self.aggregate.stateful:
+                rule.carry_state(self.aggregate)
+            self._pipelines[rows, f] = pre, rule
+        self.pre, self.aggregate = self._pipelines[rows, f]
+        return self.pre, self.aggregate
 
     def step(self, rnd: Round) -> StepResult:
         # SPMD: each process computes its own peers' gradients; the server's input is their all-gather
         # (in the simulator: every peer is local, the same (n, d) tensor as before, bitwise).
         _, grads = rnd.gather_sent_gradients()
-        for pre in self.pre:
+        convicted = rnd.convicted | {p for p, why in rnd.banned_now.items() if not majority.is_silence(why)}
+        pre_aggregators, aggregate = self._pipeline(grads.shape[0], len(convicted))
+        for pre in pre_aggregators:
             grads = pre(grads)
-        update = self.aggregate(grads)
-        stats = {f"agg_{k}": float(v) for k, v in (self.aggregate.last_stats or {}).items()
+        update = aggregate(grads)
+        stats = {f"agg_{k}": float(v) for k, v in (aggregate.last_stats or {}).items()
                  if isinstance(v, (int, float, bool)) or getattr(v, "numel", lambda: 0)() == 1}
         return StepResult(update, stats)
 

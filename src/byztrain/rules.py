@@ -298,6 +298,10 @@ class BoundAggregator:
         self._prev = None
         self.last_stats = None
 
+    def carry_state(self, other: BoundAggregator) -> None:
+        """Continue from ``other``'s previous output (the same rule rebound for another number of rows)."""
+        self._prev = other._prev
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[0] != self.n:
             raise ValueError(f"aggregator {self.name!r} was built for n={self.n} rows, got {x.shape[0]}")

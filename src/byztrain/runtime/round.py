@@ -50,6 +50,9 @@ class Round:
     emit: Callable[..., None]  # emit(type, peer=None, by=None, reason="", **extra) -> events.jsonl
     losses: dict[int, float] = field(default_factory=dict)  # honest peers' training losses this step
     banned_now: dict[int, str] = field(default_factory=dict)  # peer -> reason, banned during this step
+    # peers banned at earlier steps for a fault other than silence: Byzantine for certain (honest peers send
+    # well-formed messages; a crash is silence)
+    convicted: frozenset[int] = frozenset()
     # private MPRNG keys of the peers hosted here; never part of an AttackContext
     peer_keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
 
@@ -215,8 +218,8 @@ class Round:
         """SPMD: every peer's sent gradient, exchanged through `comm` (a trusted-server baseline's input).
 
         Returns (senders, (len(senders), d)) in the order of `peers` (default: the active peers). A peer
-        whose gradient does not arrive (crashed, timed out) or is not a d-vector is banned as silent /
-        malformed and left out; in the simulator every peer is local and all of them send.
+        whose gradient does not arrive (crashed, timed out), is not a d-vector or holds a NaN is banned as
+        silent / malformed and left out; in the simulator every peer is local and all of them send.
         """
         peers = list(self.active if peers is None else peers)
         local = set(self.comm.local_peers)
@@ -224,7 +227,7 @@ class Round:
         rows = self.sent_gradients(mine, senders=peers)
         got = self.comm.all_gather({p: rows[i] for i, p in enumerate(mine)}, peers)
         if len(mine) == len(peers):  # everyone local: the rows are already in order
-            return peers, rows
+            return self._without_nan(peers, rows)
         senders = []
         for p in peers:
             v = got.get(p)
@@ -236,7 +239,22 @@ class Round:
                 senders.append(p)
         if not senders:
             return [], rows.new_empty(0, self.workload.dim)
-        return senders, torch.stack([got[p].to(rows.device) for p in senders])
+        return self._without_nan(senders, torch.stack([got[p].to(rows.device) for p in senders]))
+
+    def _without_nan(self, senders: list[int], rows: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Ban the senders of rows holding a NaN (no gradient has one: an honest peer's would have stopped
+        the run as diverged) and drop those rows; the rules reject NaN. +-inf stays: a baseline rule sees
+        an infinite message as it is (the `inf` attack)."""
+        # A NaN entry makes the row's sum NaN, at a twentieth of the cost of an elementwise pass; so do
+        # +inf and -inf together, hence the exact check on the few suspects.
+        suspects = torch.isnan(rows.sum(dim=1)).nonzero().flatten().tolist()
+        bad = {i for i in suspects if torch.isnan(rows[i]).any()}
+        if not bad:
+            return senders, rows
+        for i in sorted(bad):
+            self.ban(senders[i], "malformed gradient: NaN")
+        keep = [i for i in range(len(senders)) if i not in bad]
+        return [senders[i] for i in keep], rows[keep]
 
     # ---- membership -------------------------------------------------------------------------
     def ban(self, peer: int, reason: str, by: int | None = None) -> None:

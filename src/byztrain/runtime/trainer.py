@@ -129,6 +129,7 @@ class Trainer:
             previous=self.previous,
             emit=self._emit,
             peer_keys=self._peer_keys,
+            convicted=frozenset(p for p in self.banned if p not in self.silent_bans),
         )
 
     def train_step(self) -> dict:
