@@ -3,6 +3,7 @@ on fake run folders whose final accuracies are a known function of the run's set
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -144,6 +145,29 @@ def test_a_cell_whose_runs_all_failed_reads_failed_on_the_terminal(tmp_path):
     (by_attack,) = rep.group_runs(runs).values()
     assert rep.accuracy_table(by_attack)[2] == "| alie | 90.0 | — (1 unfinished) | — (1 failed) |"
 
+
+
+def test_diverged_runs_are_marked_in_the_tables_the_csv_and_their_own_section(tmp_path):
+    # A diverged run is finished (its summary holds the last evaluation), so without a mark its 10 % reads
+    # like a trained model's 10 %.
+    root = tmp_path / "runs"
+    for s, diverged in ((0, 57), (1, None)):
+        d = run_folder(root, 0.1, attack__name="alie", defense__name="mean", seed=s)
+        summary = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**summary, "diverged_at": diverged}))
+    d = run_folder(root, 0.2, attack__name="alie", defense__name="median", seed=0)
+    summary = json.loads((d / "summary.json").read_text())
+    (d / "summary.json").write_text(json.dumps({**summary, "diverged_at": 9}))
+    run_folder(root, 0.8, attack__name="alie", defense__name="btard", seed=0)
+    runs = rep.load_runs(root)
+    (by_attack,) = rep.group_runs(runs).values()
+    assert rep.accuracy_table(by_attack)[2] == "| alie | 10.0 ± 0.0 †1 | 80.0 | 20.0 † |"  # mean, btard, median
+    outputs = rep.make_sweep_report(root)
+    text = outputs.report_md.read_text()
+    assert rep.DIVERGED_NOTE in text
+    assert "## Diverged runs" in text and "seed=0`: diverged at step 57, final accuracy 10.0 %" in text
+    rows = list(csv.DictReader(open(outputs.results_csv)))
+    assert sorted(r["diverged_at"] for r in rows) == ["", "", "57", "9"]
 
 # ---- heatmap ----------------------------------------------------------------------------------------------
 

@@ -100,6 +100,12 @@ class RunData:
         return max(steps) if steps else None
 
     @property
+    def diverged_at(self) -> int | None:
+        """The step at which training diverged and the run ended (docs/protocol.md 4.5), else None."""
+        step = (self.summary or {}).get("diverged_at")
+        return None if step is None else int(step)
+
+    @property
     def wall_seconds(self) -> float | None:
         if self.summary is not None and self.summary.get("wall_seconds") is not None:
             return float(self.summary["wall_seconds"])
@@ -463,6 +469,7 @@ RESULT_COLUMNS = (
     "final_test_accuracy",
     "best_test_accuracy",
     "steps",
+    "diverged_at",
     "byzantine_peers",
     "byzantine_banned",
     "honest_banned",
@@ -488,6 +495,7 @@ def result_rows(runs: list[RunData]) -> tuple[list[str], list[dict]]:
             final_test_accuracy=_num(r.final_accuracy),
             best_test_accuracy=_num(r.best_accuracy),
             steps=_num(r.steps),
+            diverged_at=_num(r.diverged_at),
             byzantine_peers=" ".join(map(str, byz)) if byz is not None else "",
             byzantine_banned=_num(r.byzantine_banned),
             honest_banned=_num(r.honest_banned),
@@ -526,6 +534,9 @@ def accuracy_cell(runs: list[RunData]) -> str:
         return f"— ({', '.join(parts)})" if pending else "—"
     m, sd = mean_std(done)
     text = f"{m:.1f} ± {sd:.1f}" if len(done) > 1 else f"{m:.1f}"
+    diverged = sum(1 for r in runs if r.finished and r.diverged_at is not None)
+    if diverged:
+        text += " †" if diverged == len(done) else f" †{diverged}"
     return text + (" *" if pending else "")
 
 
@@ -916,6 +927,8 @@ def _group_section(other: str, by_attack: dict, out: Path) -> tuple[list[str], l
         f"Mean ± sample std over seeds ({_seeds_text(all_runs)}), finished runs only; "
         "`*`: some seeds unfinished or failed."
     )
+    if any(r.diverged_at is not None for r in all_runs):
+        md[-1] += " " + DIVERGED_NOTE
     md += ["", *accuracy_table(by_attack), ""]
     worst = worst_case_table(by_attack)
     if worst:
@@ -944,6 +957,25 @@ def _group_section(other: str, by_attack: dict, out: Path) -> tuple[list[str], l
         md.append(f"![CenteredClip statistics]({path.name})")
     md.append("")
     return md, figures
+
+
+DIVERGED_NOTE = (
+    "`†`: training diverged in every seed (`†k`: in k of them) and the run ended there; its final "
+    "accuracy is the evaluation at that step (the runs are listed at the end)."
+)
+
+
+def _diverged_section(runs: list[RunData]) -> list[str]:
+    diverged = [r for r in runs if r.finished and r.diverged_at is not None]
+    if not diverged:
+        return []
+    md = ["## Diverged runs", "", "An honest peer's own gradient turned non-finite: the run ended at that step."]
+    md.append("")
+    for r in sorted(diverged, key=lambda r: _natural(r.rel)):
+        acc = "—" if r.final_accuracy is None else f"{100 * r.final_accuracy:.1f} %"
+        md.append(f"- `{r.rel}`: diverged at step {r.diverged_at}, final accuracy {acc}")
+    md.append("")
+    return md
 
 
 def _problems_section(runs: list[RunData]) -> list[str]:
@@ -996,7 +1028,7 @@ def make_sweep_report(root: str | Path, out: str | Path | None = None) -> Report
     if detection.is_detection_grid(runs):
         lines, paths = detection.detection_report(runs, out)
         md, figures = md + lines, figures + paths
-    md += _problems_section(runs)
+    md += _diverged_section(runs) + _problems_section(runs)
     report = out / "report.md"
     report.write_text("\n".join(md))
     table = format_table(TERMINAL_HEADER, terminal_rows(runs))
