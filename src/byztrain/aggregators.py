@@ -338,6 +338,26 @@ def _value_range(x: torch.Tensor, rule: str, name: str, ndim: int) -> tuple[floa
     return lo, hi
 
 
+def _cclip_prepare(parts: torch.Tensor, v: torch.Tensor, value_range: tuple[float, float]):
+    """(parts with their +-inf rows zeroed, the (P, n) mask of finite rows or None when all are, whether
+    the row norms may be taken in the input dtype without overflow)."""
+    dtype, k = parts.dtype, parts.shape[2]
+    lo, hi = value_range  # from _value_range: NaN already rejected
+    finite = None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        # A row with +-inf has no defined clipped direction: it contributes nothing (weight 0) but still
+        # counts in the 1/n. Zeroing it avoids 0 * inf = NaN in the weighted sum.
+        finite = torch.isfinite(parts).all(dim=2)  # (P, n)
+        parts = torch.where(finite[..., None], parts, torch.zeros((), dtype=dtype, device=parts.device))
+        lo, hi = (float(t) for t in torch.aminmax(parts))
+    vlo, vhi = (float(t) for t in torch.aminmax(v))
+    bound = max(abs(lo), abs(hi), abs(vlo), abs(vhi))
+    # float32 squares overflow above ~3.4e38; keep a wide margin for rounding in the sums. Other dtypes
+    # (float16, bfloat16) always take the float64 norms.
+    safe = dtype == torch.float64 or (dtype == torch.float32 and k * (2.0 * bound) ** 2 < 1e37)
+    return parts, finite, safe
+
+
 def _cclip_core(
     parts: torch.Tensor, tau: float, v: torch.Tensor, tol: float, max_iters: int, value_range: tuple[float, float]
 ):
@@ -356,20 +376,7 @@ def _cclip_core(
     """
     P, n, k = parts.shape
     dev, dtype = parts.device, parts.dtype
-    lo, hi = value_range  # from _value_range: NaN already rejected
-    all_finite = math.isfinite(lo) and math.isfinite(hi)
-    finite = None
-    if not all_finite:
-        # A row with +-inf has no defined clipped direction: it contributes nothing (weight 0) but still
-        # counts in the 1/n. Zeroing it avoids 0 * inf = NaN in the weighted sum.
-        finite = torch.isfinite(parts).all(dim=2)  # (P, n)
-        parts = torch.where(finite[..., None], parts, torch.zeros((), dtype=dtype, device=dev))
-        lo, hi = (float(t) for t in torch.aminmax(parts))
-    vlo, vhi = (float(t) for t in torch.aminmax(v))
-    bound = max(abs(lo), abs(hi), abs(vlo), abs(vhi))
-    # float32 squares overflow above ~3.4e38; keep a wide margin for rounding in the sums. Other dtypes
-    # (float16, bfloat16) always take the float64 norms.
-    safe = dtype == torch.float64 or (dtype == torch.float32 and k * (2.0 * bound) ** 2 < 1e37)
+    parts, finite, safe = _cclip_prepare(parts, v, value_range)
     norm_dtype = dtype if safe else torch.float64
     tau_t = torch.tensor(tau, dtype=dtype, device=dev)
     one = torch.ones((), dtype=torch.float64, device=dev)

@@ -41,14 +41,18 @@ class Defense:
         raise NotImplementedError
 
 
+def told_f(config: Config) -> int:
+    """The Byzantine inputs a baseline rule is told to tolerate: defense.f, else the run's byzantine."""
+    return config.byzantine if config.defense.f is None else config.defense.f
+
+
 def server_pipeline(
     config: Config, n: int, generator: torch.Generator, f: int | None = None
 ) -> tuple[list[BoundPreAggregator], BoundAggregator]:
     """defense.pre and the rule defense.name bound for ``n`` input rows and ``f`` Byzantine ones among them
-    (default: defense.f, else the run's byzantine), every precondition checked."""
+    (default: told_f), every precondition checked."""
     d = config.defense
-    if f is None:
-        f = config.byzantine if d.f is None else d.f
+    f = told_f(config) if f is None else f
     pre = []
     for name in d.pre:
         pre.append(build_pre_aggregator(name, f=f, params=d.params, generator=generator, n=n))
@@ -71,7 +75,7 @@ class AggregatorDefense(Defense):
     def __init__(self, config: Config):
         super().__init__(config)
         self._generator = torch.Generator().manual_seed(config.seed + 7_919)
-        self._f = config.byzantine if config.defense.f is None else config.defense.f
+        self._f = told_f(config)
         self.pre, self.aggregate = server_pipeline(config, config.peers, self._generator)
         self._pipelines = {(config.peers, self._f): (self.pre, self.aggregate)}
         self.name = config.defense.name
