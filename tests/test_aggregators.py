@@ -321,6 +321,56 @@ def test_geometric_median_can_leave_honest_box():
     assert torch.allclose(gm, t([0.0, 1 / math.sqrt(3)]), atol=1e-6)
 
 
+def _gm_cases():
+    """(name, x) inputs on which Weiszfeld runs past its explicit phase into the Gram phase."""
+    g = torch.Generator().manual_seed(3)
+    honest = 0.05 + 0.3 * torch.randn(9, 2000, generator=g)
+    alie = honest.mean(0) - 1.15 * honest.std(0)  # 7 identical rows just inside the honest spread
+    yield "alie", torch.cat([honest, alie.expand(7, -1)])
+    yield "alie and far outliers", torch.cat([honest, alie.expand(5, -1), torch.full((2, 2000), 1e30)])
+    yield "outliers at 1e30", torch.cat([honest, torch.full((7, 2000), 1e30)])
+    yield "outliers at -3e38", torch.cat([honest, torch.full((7, 2000), -3e38)])
+
+
+@pytest.mark.parametrize("name,x", list(_gm_cases()), ids=[c[0] for c in _gm_cases()])
+def test_geometric_median_gram_phase_matches_explicit_iterations(name, x, monkeypatch):
+    # The attacker's lever on the Gram phase is rounding: far rows make the Gram entries huge next to
+    # the honest distances. Every case must land where the same iterations on
+    # explicit float64 differences land, within the stopping rule's own slack.
+    frames, real_frame = [], A._GramFrame
+    monkeypatch.setattr(A, "_GramFrame", lambda *a: frames.append(1) or real_frame(*a))
+    gm, stats = A.geometric_median(x, return_stats=True)
+    assert frames and stats["converged"] and stats["iterations"] > A._WEISZFELD_EXPLICIT_ITERS
+    monkeypatch.setattr(A, "_WEISZFELD_EXPLICIT_ITERS", 10**9)
+    ref, ref_stats = A.geometric_median(x.double(), return_stats=True)
+    scale = float(torch.linalg.vector_norm(ref)) + float(torch.linalg.vector_norm(x[:9].double() - ref, dim=1).mean())
+    assert float(torch.linalg.vector_norm(gm.double() - ref)) <= 1e-4 * scale, name
+    assert abs(stats["iterations"] - ref_stats["iterations"]) <= 0.05 * ref_stats["iterations"] + 5
+
+
+def test_geometric_median_gram_phase_hands_back_when_rounding_is_too_coarse(monkeypatch):
+    # tol = 0 in float64 asks for more than the Gram matrix can resolve: the iterations go back to
+    # explicit differences and the result is bit-for-bit the all-explicit one.
+    x, = [x for name, x in _gm_cases() if name == "alie"]
+    x = x.double()
+    gm, stats = A.geometric_median(x, tol=0.0, max_iters=300, return_stats=True)
+    monkeypatch.setattr(A, "_WEISZFELD_EXPLICIT_ITERS", 10**9)
+    ref, ref_stats = A.geometric_median(x, tol=0.0, max_iters=300, return_stats=True)
+    assert torch.equal(gm, ref) and stats["iterations"] == ref_stats["iterations"] == 300
+
+
+@pytest.mark.parametrize("value", [3e38, -3.4e38, 5e37])
+def test_geometric_median_survives_rows_whose_sum_overflows(value):
+    # 7 of 16 float32 rows at a huge finite value: their sum overflows float32, so a float32 mean start
+    # was inf and every iterate NaN. The breakdown point is 1/2, so the median stays with the 9.
+    g = torch.Generator().manual_seed(0)
+    honest = 0.3 * torch.randn(9, 100, generator=g)
+    gm = A.geometric_median(torch.cat([honest, torch.full((7, 100), value)]))
+    r = float(torch.linalg.vector_norm(honest - honest.mean(0), dim=1).max())
+    assert torch.isfinite(gm).all()
+    assert float(torch.linalg.vector_norm(gm - honest.mean(0))) <= (9 / 16) / math.sqrt(2 / 16) * r
+
+
 def pre_and_agg_rules(n: int, f: int):
     g = torch.Generator().manual_seed(0)
     return all_rules(n, f) + [
