@@ -272,7 +272,8 @@ def geometric_median(
 ):
     """Geometric median by smoothed Weiszfeld iterations (Pillutla et al.'s RFA smoothing).
 
-    Starts at the coordinate mean of the finite rows and iterates
+    Starts at the coordinate mean of the finite rows (summed in float64 when the input dtype's sum
+    overflows) and iterates
     ``z <- sum_i w_i x_i / sum_i w_i`` with ``w_i = 1 / max(||x_i - z||, nu)`` (``nu`` > 0 smooths the
     kink at data points, absolute units) until ``||step|| <= tol * (||z|| + h)``, where
     ``h = m / sum_i w_i`` is the harmonic mean of the smoothed distances (a data-scale term that
