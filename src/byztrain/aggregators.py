@@ -341,9 +341,10 @@ class _Weiszfeld:
             self.iterations += 1
             w = 1.0 / _row_norms(xs - self.z).clamp_min(self.nu)
             wsum = w.sum()
-            z_new = (w / wsum).to(xs.dtype) @ xs
+            self.a = w / wsum
+            z_new = self.a.to(xs.dtype) @ xs
             self.step_norm = float(_row_norms(z_new - self.z))
-            self.z, self.a = z_new, w / wsum
+            self.z = z_new
             if self._stop(float(xs.shape[0] / wsum), float(_row_norms(z_new))):
                 return
 
@@ -363,10 +364,11 @@ class _Weiszfeld:
                 continue
             self.iterations, fresh = self.iterations + 1, False
             w = 1.0 / np.maximum(dist, nu)
-            a_new = w / w.sum()
+            wsum = float(w.sum())
+            a_new = w / wsum
             self.step_norm = math.sqrt(frame.quad(a_new - a))
             a = a_new
-            if self._stop(len(a) / float(w.sum()), frame.z_norm(a)):
+            if self._stop(len(a) / wsum, frame.z_norm(a)):
                 break
         self.a = torch.from_numpy(a)
         self.z = self.a.to(dtype=self.xs.dtype, device=self.xs.device) @ self.xs
