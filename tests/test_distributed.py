@@ -241,15 +241,17 @@ def test_numerics_compare_effective_threads_across_runtimes(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "defense, attack",
+    "defense, attack, train",
     [
-        ("mean", {"name": "sign_flip", "params": {"scale": -1.0}}),
-        ("btard", {"name": "sign_flip", "start": 3}),
+        ("mean", {"name": "sign_flip", "params": {"scale": -1.0}}, {}),
+        ("btard", {"name": "sign_flip", "start": 3}, {}),
         # omniscient: in the distributed runtime the honest processes hand their gradients to the attacker's
-        ("btard", {"name": "alie", "start": 3, "params": {"z": 1.0}}),
+        ("btard", {"name": "alie", "start": 3, "params": {"z": 1.0}}, {}),
+        # each process keeps its own peer's momentum buffer; the attacker is handed the honest buffers
+        ("median", {"name": "alie", "start": 3, "params": {"z": 1.0}}, {"momentum": 0.0, "worker_momentum": 0.9}),
     ],
 )
-def test_parity_simulated_vs_distributed(data_dir, tmp_path, defense, attack):
+def test_parity_simulated_vs_distributed(data_dir, tmp_path, defense, attack, train):
     """Same config and seed, 4 peers, one attacker, 30 steps: the simulator and 4 processes end with the
     same parameters, bit for bit, and the same bans.
 
@@ -261,8 +263,8 @@ def test_parity_simulated_vs_distributed(data_dir, tmp_path, defense, attack):
     every process applies the very update the simulator applies, step after step; BTARD's shared randomness
     agrees because both run folders hold the same MPRNG key file. No tolerance needed.
     """
-    sim = _config(data_dir, tmp_path / "sim", defense={"name": defense}, attack=attack)
-    dis = _config(data_dir, tmp_path / "dis", kind="distributed", defense={"name": defense}, attack=attack)
+    sim = _config(data_dir, tmp_path / "sim", defense={"name": defense}, attack=attack, train=train)
+    dis = _config(data_dir, tmp_path / "dis", kind="distributed", defense={"name": defense}, attack=attack, train=train)
     s_sim = byztrain.run(sim, quiet=True)
     (tmp_path / "dis").mkdir()
     shutil.copy(key_path(tmp_path / "sim"), key_path(tmp_path / "dis"))

@@ -28,6 +28,7 @@ from byztrain.registry import (
     DEFENSES,
     MODELS,
     PRE_AGGREGATORS,
+    SERVER,
     SPLITS,
     defense_entry,
     defense_names,
@@ -112,6 +113,9 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
+    # Each peer sends its own momentum buffer m_i <- beta m_i + g_i instead of g_i (0: off); the server's
+    # `momentum` still applies to the aggregate. Trusted-server defenses only.
+    worker_momentum: float = 0.0
     weight_decay: float = 0.0
     # Clip the aggregated update to this L2 norm before the optimizer (null: off), as max_grad_norm in
     # the BTARD ALBERT setup: bounds what one step can do, whoever wrote the update.
@@ -139,6 +143,11 @@ class LogConfig:
     out: str | None = None
     tensorboard: bool = True
     every: int = 10
+
+
+# Keys added after runs were published: at their default (off) they stay out of config_hash, so a finished
+# run's hash, and with it a sweep's "already finished", does not change when the key appears.
+_HASHED_ONLY_WHEN_SET = (("train", "worker_momentum", 0.0),)
 
 
 @dataclass
@@ -194,6 +203,9 @@ class Config:
         data.pop("log", None)
         data["runtime"].pop("threads", None)
         data["runtime"].pop("checkpoint_every", None)
+        for section, key, default in _HASHED_ONLY_WHEN_SET:
+            if data[section][key] == default:
+                del data[section][key]
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -244,6 +256,15 @@ class Config:
         _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
         _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
         _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
+        _check(
+            0 <= t.worker_momentum < 1, "train.worker_momentum", f"must be in [0, 1), got {t.worker_momentum}"
+        )
+        _check(
+            t.worker_momentum == 0 or defense_entry(d.name) is DEFENSES[SERVER],
+            "train.worker_momentum",
+            f"needs a trusted-server defense (mean or a rule), not {d.name!r}: BTARD's validators recompute "
+            "gradients, which a momentum buffer is not",
+        )
         _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
         _check(
             t.clip_norm is None or t.clip_norm > 0, "train.clip_norm", f"must be null or > 0, got {t.clip_norm}"
@@ -481,6 +502,10 @@ FIELD_DOCS: dict[str, tuple[str | None, str]] = {
     "train.lr": ("number > 0", "SGD learning rate (the peak, with `schedule: cosine`)"),
     "train.momentum": ("number in [0, 1)", "SGD momentum"),
     "train.nesterov": ("true or false", "Nesterov momentum (needs momentum > 0)"),
+    "train.worker_momentum": (
+        "number in [0, 1); > 0 needs a trusted-server defense",
+        "worker momentum: each peer sends m_i <- beta m_i + g_i instead of its gradient (0: off; docs/defenses.md)",
+    ),
     "train.weight_decay": ("number >= 0", "SGD weight decay"),
     "train.clip_norm": (
         "null or number > 0",

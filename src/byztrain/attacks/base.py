@@ -73,7 +73,7 @@ class Attack:
     reference: ClassVar[str] = ""
     #: defenses this attack makes sense against (None = all). Protocol attacks need "btard".
     requires_defense: ClassVar[tuple[str, ...] | None] = None
-    #: whether `omniscient` is implemented (the runtime then passes honest gradients).
+    #: whether `omniscient` is implemented (the runtime then passes the honest peers' messages).
     is_omniscient: ClassVar[bool] = False
     #: whether `omniscient`'s vector is the same for every attacker of this class and params (it depends on
     #: the honest gradients and the step's public context only, not on `ctx.peer` or per-peer state): the
@@ -93,6 +93,8 @@ class Attack:
         return ConfigError(f"attack.params.{key}", message)
 
     # ---- gradient / data hooks --------------------------------------------------------------
+    # `g` in on_gradient and the rows of `honest` in omniscient are what the peers would send: gradients, or
+    # with train.worker_momentum their momentum buffers; observe_true_gradient always gets the gradient.
     def on_batch(self, x: torch.Tensor, y: torch.Tensor, ctx: AttackContext) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
 

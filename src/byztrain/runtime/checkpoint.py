@@ -4,13 +4,13 @@ Layout (one checkpoint kept; the pointer is replaced atomically after its files 
 
     <run>/checkpoints/latest.json          {"step", "dir", "peers", "config_hash", "runtime", "numerics"}
     <run>/checkpoints/step-0000200/common.pt       the state every honest peer holds identically
-    <run>/checkpoints/step-0000200/attack-<peer>.pt  one per Byzantine peer with an attack (its own state)
+    <run>/checkpoints/step-0000200/peer-<peer>.pt    a peer's own state: its attack's, its worker momentum
 
 `common.pt`: step, flat parameters, optimizer state (momentum), active set and bans, shared randomness
 r_t, the previous step's record (validators), the defense's state (BTARD's step record, a baseline's
 bucketing generator...), accuracies, the partially filled logging window and elapsed time. Every honest
 process of the distributed runtime holds the same values, so only the writer (rank 0) saves them, and the
-Byzantine processes ship their attack state to it: only rank 0 touches the disk, which is what makes
+other processes ship their own peer's state (attack, worker-momentum buffer) to it: only rank 0 touches the disk, which is what makes
 multi-host runs work without a shared file system. The format is the same for both runtimes: a simulated
 checkpoint resumes distributed and vice versa.
 
@@ -174,7 +174,7 @@ def clear(run_dir: Path) -> None:
     shutil.rmtree(root(run_dir), ignore_errors=True)
 
 
-def write(run_dir: Path, config: Config, step: int, common: bytes, attacks: dict[int, bytes]) -> Path:
+def write(run_dir: Path, config: Config, step: int, common: bytes, own: dict[int, bytes]) -> Path:
     """Write a checkpoint, then point latest.json at it, then drop older ones."""
     base = root(run_dir)
     name = f"step-{step:07d}"
@@ -183,8 +183,8 @@ def write(run_dir: Path, config: Config, step: int, common: bytes, attacks: dict
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "common.pt").write_bytes(common)
-    for peer, blob in sorted(attacks.items()):
-        (tmp / f"attack-{peer}.pt").write_bytes(blob)
+    for peer, blob in sorted(own.items()):
+        (tmp / f"peer-{peer}.pt").write_bytes(blob)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     write_json_atomic(
@@ -220,10 +220,10 @@ def latest(run_dir: Path) -> dict | None:
 
 def read(info: dict) -> tuple[bytes, dict[int, bytes]]:
     path = Path(info["path"])
-    attacks = {}
-    for f in path.glob("attack-*.pt"):
-        attacks[int(f.stem.split("-", 1)[1])] = f.read_bytes()
-    return (path / "common.pt").read_bytes(), attacks
+    own = {}
+    for f in [*path.glob("attack-*.pt"), *path.glob("peer-*.pt")]:  # attack-: written before worker momentum
+        own[int(f.stem.split("-", 1)[1])] = f.read_bytes()
+    return (path / "common.pt").read_bytes(), own
 
 
 def check_resumable(config: Config, run_dir: Path) -> None:

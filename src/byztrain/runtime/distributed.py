@@ -153,19 +153,19 @@ class DistributedTrainer(Trainer):
                     self.writer.event({**e, "rank": r})
 
     def save_checkpoint(self, elapsed: float) -> None:
-        blobs = self.attack_states()
+        blobs = self.peer_states()
         with self.comm.unaccounted():
             got = self.comm.gather_to(WRITER, blobs, list(self.active))
         if got is None or self.writer is None:
             return
-        attacks = {}
+        own = {}
         for r, d in got.items():
             if isinstance(d, dict) and isinstance(d.get(r), bytes):
-                attacks[r] = d[r]  # a process ships only its own peer's state
-        ckpt.write(self.writer.dir, self.config, self.step, ckpt.to_bytes(self.state_dict(elapsed)), attacks)
+                own[r] = d[r]  # a process ships only its own peer's state
+        ckpt.write(self.writer.dir, self.config, self.step, ckpt.to_bytes(self.state_dict(elapsed)), own)
 
-    def load_state(self, state: dict, attacks: dict[int, bytes]) -> None:
-        super().load_state(state, attacks)
+    def load_state(self, state: dict, own: dict[int, bytes]) -> None:
+        super().load_state(state, own)
         if self.rank != WRITER:  # the writer's telemetry of the partial window stays with the writer
             self._window, self._losses, self._traffic = [], {}, {}
         self.comm.members = list(self.active)
@@ -186,7 +186,7 @@ def _fault_step(rank: int) -> int | None:
 
 def _start_state(comm: TorchCollective, config: Config, resume: bool):
     """Rank 0 decides how the run starts (fresh / from a checkpoint / already finished / abort) and sends
-    each rank what it needs: the common state and that rank's own attack state. Only rank 0 reads files."""
+    each rank what it needs: the common state and that rank's own peer state. Only rank 0 reads files."""
     world = comm.world_size
     outgoing = {}
     error = None
@@ -194,7 +194,7 @@ def _start_state(comm: TorchCollective, config: Config, resume: bool):
     if comm.rank == WRITER:
         plan: dict = {"kind": "fresh"}
         common = b""
-        attacks: dict[int, bytes] = {}
+        own: dict[int, bytes] = {}
         if resume:
             try:
                 info, finished = ckpt.prepare_resume(config, config.out_dir)
@@ -206,14 +206,14 @@ def _start_state(comm: TorchCollective, config: Config, resume: bool):
             plan = {"kind": "finished", "summary": finished}
         elif info is not None:
             try:
-                common, attacks = ckpt.read(info)
+                common, own = ckpt.read(info)
                 plan = {"kind": "resume", "step": int(info["step"])}
             except OSError as exc:
                 error = ConfigError("<resume>", f"cannot read the checkpoint {info['path']}: {exc}")
                 plan = {"kind": "abort", "reason": str(error)}
         elif not resume:
             ckpt.clear(config.out_dir)
-        outgoing = {WRITER: {r: {**plan, "common": common, "attack": attacks.get(r)} for r in range(world)}}
+        outgoing = {WRITER: {r: {**plan, "common": common, "own": own.get(r)} for r in range(world)}}
     with comm.unaccounted():
         got = comm.all_to_all(outgoing, list(range(world)))
     msg = got.get(comm.rank, {}).get(WRITER)
@@ -276,7 +276,7 @@ def _rank_main(config: Config, rank: int, world: int, store, progress: bool, res
         key = _rank_key(config, launched=launched)
         trainer = DistributedTrainer(config, comm, writer, progress and rank == WRITER, secret_key=key)
         if msg["kind"] == "resume":
-            trainer.load_state(ckpt.from_bytes(msg["common"]), {rank: msg["attack"]} if msg["attack"] else {})
+            trainer.load_state(ckpt.from_bytes(msg["common"]), {rank: msg["own"]} if msg["own"] else {})
             if writer is not None:
                 writer.event(ckpt.resume_event(info, "distributed"))
         comm.take_byte_counts()

@@ -35,6 +35,30 @@ class History:
     active: tuple[int, ...]
 
 
+class WorkerMomentum:
+    """Worker momentum (Karimireddy, He and Jaggi, ICML 2021): peer i sends m_i = beta m_i + g_i, not g_i.
+
+    The buffer takes torch.optim.SGD's form (no dampening; the first buffer is the first gradient), so with
+    plain averaging it is the server's momentum moved to the peers: the same update, the same learning rate.
+    (Karimireddy et al. write m_i = (1 - beta) g_i + beta m_i, the same direction at (1 - beta) times the
+    scale.) A robust rule then compares averages over about 1 / (1 - beta) steps, whose spread across honest
+    peers is smaller than one step's: what makes small coordinated shifts (ALIE) stand out. Holds the buffers
+    of the peers hosted here; a Byzantine peer's buffer feeds its attack hooks as its would-be message.
+    """
+
+    def __init__(self, beta: float):
+        self.beta = beta
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def apply(self, peer: int, g: torch.Tensor) -> None:
+        """Fold g into `peer`'s buffer and overwrite g with the buffer: the message `peer` sends."""
+        buf = self.buffers.get(peer)
+        if buf is None:
+            self.buffers[peer] = g.clone()
+        else:
+            g.copy_(buf.mul_(self.beta).add_(g))
+
+
 @dataclass
 class Round:
     step: int
@@ -55,6 +79,7 @@ class Round:
     convicted: frozenset[int] = frozenset()
     # private MPRNG keys of the peers hosted here; never part of an AttackContext
     peer_keys: Mapping[int, bytes] = field(default_factory=dict, repr=False)
+    worker_momentum: WorkerMomentum | None = None  # train.worker_momentum > 0: what peers send is momentum
 
     # ---- seeds and contexts -----------------------------------------------------------------
     def seed(self, peer: int, step: int | None = None) -> int:
@@ -128,8 +153,9 @@ class Round:
         """(len(peers), d): what each listed peer sends this step, attacks applied.
 
         SPMD: `peers` are peers hosted by this process (in the simulator, any peers). `senders` are all the
-        peers that send a gradient this step (default: `peers`); omniscient attacks see the honest gradients
-        among them. Honest peers (and Byzantine peers outside the attack window) send their true gradient.
+        peers that send a gradient this step (default: `peers`); omniscient attacks see the honest messages
+        among them. Honest peers (and Byzantine peers outside the attack window) send their true gradient, or
+        with `worker_momentum` their momentum buffer.
 
         When some senders live in other processes (the distributed runtime) and an omniscient attack is on,
         every process hosting an honest sender passes its true gradient to the processes hosting the
@@ -156,6 +182,8 @@ class Round:
                     honest_rows.append(row)
                 elif peer in self.attacks:
                     self.attacks[peer].observe_true_gradient(out[row].clone(), self.step)
+                if self.worker_momentum is not None:
+                    self.worker_momentum.apply(peer, out[row])
                 continue
             batch = self.tamper(peer, "on_batch", (x, y), x, y)
             if batch is MALFORMED:
@@ -163,6 +191,8 @@ class Round:
                 continue
             g, _ = self.workload.gradient(*batch, out[row])
             attack.observe_true_gradient(g.clone(), self.step)
+            if self.worker_momentum is not None:
+                self.worker_momentum.apply(peer, g)
             sent = self.tamper(peer, "on_gradient", g, g)
             if sent is MALFORMED:
                 out[row].fill_(math.nan)

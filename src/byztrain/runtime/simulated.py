@@ -35,8 +35,8 @@ def run_simulated(
     try:
         trainer = Trainer(config, writer=writer, progress=progress, secret_key=ensure_key(run_dir))
         if info is not None:
-            common, attacks = ckpt.read(info)
-            trainer.load_state(ckpt.from_bytes(common), attacks)
+            common, own = ckpt.read(info)
+            trainer.load_state(ckpt.from_bytes(common), own)
             writer.event(ckpt.resume_event(info, "simulated"))
         summary = trainer.run()
         writer.summary(summary)

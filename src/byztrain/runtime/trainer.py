@@ -24,7 +24,7 @@ from byztrain.runtime import checkpoint as ckpt
 from byztrain.runtime import majority
 from byztrain.runtime.outputs import RunWriter
 from byztrain.runtime.progress import progress_bar
-from byztrain.runtime.round import Diverged, History, Round
+from byztrain.runtime.round import Diverged, History, Round, WorkerMomentum
 from byztrain.runtime.workload import Workload, public_seed
 
 
@@ -96,6 +96,7 @@ class Trainer:
             nesterov=t.nesterov,
             weight_decay=t.weight_decay,
         )
+        self.worker_momentum = WorkerMomentum(t.worker_momentum) if t.worker_momentum > 0 else None
         self.step = 0
         self.test_accuracy: float | None = None
         self.best_accuracy: float | None = None
@@ -129,6 +130,7 @@ class Trainer:
             previous=self.previous,
             emit=self._emit,
             peer_keys=self._peer_keys,
+            worker_momentum=self.worker_momentum,
             convicted=frozenset(p for p in self.banned if p not in self.silent_bans),
         )
 
@@ -356,12 +358,17 @@ class Trainer:
             "elapsed": elapsed,
         }
 
-    def attack_states(self) -> dict[int, bytes]:
-        """Serialized attack state of the Byzantine peers hosted here."""
-        local = set(self.comm.local_peers)
-        return {p: ckpt.to_bytes(a) for p, a in self.attacks.items() if p in local}
+    def peer_states(self) -> dict[int, bytes]:
+        """Serialized own state of each peer hosted here that has one: its attack, its worker momentum."""
+        buffers = self.worker_momentum.buffers if self.worker_momentum is not None else {}
+        states = {}
+        for p in self.comm.local_peers:
+            own = {k: v for k, v in (("attack", self.attacks.get(p)), ("momentum", buffers.get(p))) if v is not None}
+            if own:
+                states[p] = ckpt.to_bytes(own)
+        return states
 
-    def load_state(self, state: dict, attacks: dict[int, bytes]) -> None:
+    def load_state(self, state: dict, own: dict[int, bytes]) -> None:
         self.step = int(state["step"])
         self.workload.flat_params.copy_(state["params"].to(self.workload.flat_params.device))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -380,16 +387,22 @@ class Trainer:
         self._losses = dict(state["losses"])
         self._traffic = dict(state["traffic"])
         self.elapsed_before = float(state["elapsed"])
-        local = set(self.comm.local_peers)
-        for peer, blob in attacks.items():
-            if peer in self.attacks and peer in local:
-                self.attacks[peer] = ckpt.from_bytes(blob)
+        for peer, blob in own.items():
+            if peer not in self.comm.local_peers:
+                continue
+            saved = ckpt.from_bytes(blob)
+            if not isinstance(saved, dict):  # an attack-<peer>.pt file: the attack alone
+                saved = {"attack": saved}
+            if peer in self.attacks and "attack" in saved:
+                self.attacks[peer] = saved["attack"]
+            if self.worker_momentum is not None and "momentum" in saved:
+                self.worker_momentum.buffers[peer] = saved["momentum"].to(self.device)
 
     def save_checkpoint(self, elapsed: float) -> None:
         if self.writer is None:
             return
         ckpt.write(
-            self.writer.dir, self.config, self.step, ckpt.to_bytes(self.state_dict(elapsed)), self.attack_states()
+            self.writer.dir, self.config, self.step, ckpt.to_bytes(self.state_dict(elapsed)), self.peer_states()
         )
 
     def _log(self, record: dict, started: float) -> None:
