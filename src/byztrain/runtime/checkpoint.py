@@ -10,8 +10,8 @@ Layout (one checkpoint kept; the pointer is replaced atomically after its files 
 r_t, the previous step's record (validators), the defense's state (BTARD's step record, a baseline's
 bucketing generator...), accuracies, the partially filled logging window and elapsed time. Every honest
 process of the distributed runtime holds the same values, so only the writer (rank 0) saves them, and the
-other processes ship their own peer's state (attack, worker-momentum buffer) to it: only rank 0 touches the disk, which is what makes
-multi-host runs work without a shared file system. The format is the same for both runtimes: a simulated
+other processes ship their own peer's state (attack, worker-momentum buffer) to it: only rank 0 touches the
+disk, which is what makes multi-host runs work without a shared file system. The format is the same for both runtimes: a simulated
 checkpoint resumes distributed and vice versa.
 
 Nothing else needs saving: minibatches, validator draws and attack randomness are functions of public

@@ -42,8 +42,9 @@ class WorkerMomentum:
     plain averaging it is the server's momentum moved to the peers: the same update, the same learning rate.
     (Karimireddy et al. write m_i = (1 - beta) g_i + beta m_i, the same direction at (1 - beta) times the
     scale.) A robust rule then compares averages over about 1 / (1 - beta) steps, whose spread across honest
-    peers is smaller than one step's: what makes small coordinated shifts (ALIE) stand out. Holds the buffers
-    of the peers hosted here; a Byzantine peer's buffer feeds its attack hooks as its would-be message.
+    peers is smaller against their mean than one step's, so an attack sized from that spread (ALIE) shifts
+    the aggregate less (docs/results.md, part 1). Holds the buffers of the peers hosted here; a Byzantine
+    peer's buffer feeds its attack hooks as its would-be message.
     """
 
     def __init__(self, beta: float):
