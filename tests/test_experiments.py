@@ -400,6 +400,18 @@ def test_runs_are_labelled_by_what_varies(fake_sweep):
     assert unf.steps == 6 and unf.byzantine_peers is not None  # from the metrics and the seeded draw
 
 
+def test_a_key_an_older_run_lacks_reads_as_its_default_and_does_not_split_the_report(tmp_path):
+    root = tmp_path / "runs"
+    old = fake_run(root, attack="sign_flip", defense="median", seed=0)
+    fake_run(root, attack="sign_flip", defense="median", seed=1)
+    text = (old / "config.yaml").read_text()
+    assert "worker_momentum: 0" in text
+    (old / "config.yaml").write_text("\n".join(x for x in text.splitlines() if "worker_momentum" not in x))
+    runs = rep.load_runs(root)
+    assert [r.other for r in runs] == ["", ""] and [r.flat["train.worker_momentum"] for r in runs] == [0.0, 0.0]
+    assert "worker_momentum" not in rep.make_sweep_report(root).report_md.read_text()
+
+
 def test_report_writes_csv_markdown_and_figures(fake_sweep):
     outputs = rep.make_sweep_report(fake_sweep)
     assert (outputs.runs, outputs.finished, outputs.unfinished, outputs.failed) == (12, 11, 1, 0)

@@ -186,7 +186,12 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("config.yaml") if (p.parent / "metrics.jsonl").exists())
 
 
+_DEFAULTS = _flatten(Config().to_dict())
+
+
 def load_run(path: Path, root: Path) -> RunData:
+    """One run folder. A key its config.yaml lacks (written before the key existed) reads as the key's
+    default, which is what such a run did: it neither varies nor splits the report."""
     config = yaml_load((path / "config.yaml").read_text()) or {}
     summary = None
     if (path / "summary.json").exists():
@@ -196,7 +201,8 @@ def load_run(path: Path, root: Path) -> RunData:
             summary = None
     error = (path / "error.txt").read_text() if (path / "error.txt").exists() else None
     rel = str(path.relative_to(root)) if path != root else path.name
-    return RunData(path, rel, config, _flatten(config), _read_jsonl(path / "metrics.jsonl"), summary, error)
+    flat = {**_DEFAULTS, **_flatten(config)}
+    return RunData(path, rel, config, flat, _read_jsonl(path / "metrics.jsonl"), summary, error)
 
 
 def _ignored(key: str) -> bool:
