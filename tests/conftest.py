@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import byztrain
+from byztrain.runtime.trainer import Trainer
 from byztrain.tasks import Dataset
 
 
@@ -27,3 +29,23 @@ def synthetic(monkeypatch):
     ds = Dataset("synthetic", 4, 1, 10, x[:1000].contiguous(), y[:1000].contiguous(), x[1000:], y[1000:])
     monkeypatch.setattr("byztrain.runtime.workload.load_dataset", lambda name, data_dir=None: ds)
     return ds
+
+
+@pytest.fixture
+def run_killed(monkeypatch):
+    """run_killed(config, steps): run `config` and stop it as kill -9 would once `steps` steps are done
+    (nothing after that step runs: no summary, no final checkpoint)."""
+    original = Trainer.train_step
+
+    def run(config, steps: int) -> None:
+        def dying(self):
+            if self.step == steps:
+                raise KeyboardInterrupt
+            return original(self)
+
+        monkeypatch.setattr(Trainer, "train_step", dying)
+        with pytest.raises(KeyboardInterrupt):
+            byztrain.run(config, quiet=True)
+        monkeypatch.setattr(Trainer, "train_step", original)
+
+    return run

@@ -36,7 +36,7 @@ from byztrain.runtime.keyfile import key_path, read_key
 from byztrain.runtime.majority import HonestMajorityLost
 from byztrain.runtime.outputs import WALL_CLOCK_FIELDS
 from byztrain.runtime.round import Round
-from byztrain.runtime.trainer import Trainer, choose_byzantine
+from byztrain.runtime.trainer import choose_byzantine
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +138,7 @@ def test_config_checkpoint_every_validated_and_out_of_the_hash():
     assert ckpt.checkpoint_every(Config.from_dict({"runtime": {"kind": "distributed"}})) > 0
 
 
-def test_simulated_kill_and_resume_is_bitwise_and_keeps_metrics(data_dir, tmp_path, monkeypatch):
+def test_simulated_kill_and_resume_is_bitwise_and_keeps_metrics(data_dir, tmp_path, run_killed):
     """A run killed at step 13 (checkpoints every 5) resumes from step 10 to the same final parameters as an
     uninterrupted run; metrics lines up to the checkpoint stay as they were, none is duplicated."""
     over = {"runtime": {"checkpoint_every": 5}, "log": {"every": 1, "tensorboard": False}}
@@ -146,19 +146,9 @@ def test_simulated_kill_and_resume_is_bitwise_and_keeps_metrics(data_dir, tmp_pa
     byztrain.run(full, quiet=True)
 
     cut = full.with_overrides([f"log.out={tmp_path / 'cut'}"])
-    original = Trainer.train_step
-
-    def dying(self):
-        if self.step == 12:
-            raise KeyboardInterrupt  # stands in for kill -9: nothing after this line runs
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        byztrain.run(cut, quiet=True)
+    run_killed(cut, 12)
     before = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(before[-1])["step"] == 12
-    monkeypatch.setattr(Trainer, "train_step", original)
     summary = byztrain.run(cut, quiet=True, resume=True)
     assert summary["steps"] == 16
     after = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
@@ -176,7 +166,7 @@ def test_simulated_kill_and_resume_is_bitwise_and_keeps_metrics(data_dir, tmp_pa
         byztrain.run(cut.with_overrides(["train.lr=0.1"]), quiet=True, resume=True)
 
 
-def test_resume_with_other_numerics_is_refused_naming_the_fix(data_dir, tmp_path, monkeypatch):
+def test_resume_with_other_numerics_is_refused_naming_the_fix(data_dir, tmp_path, run_killed):
     """The default CNN's gradients differ in their last bits between 1 and 2 torch threads: a BTARD run
     computed at 1 thread and resumed at 2 had its first validator ban an honest peer (step 11 here). Such a
     resume is refused in both runtimes, naming the setting, and leaves the folder as it was; with the same
@@ -188,17 +178,7 @@ def test_resume_with_other_numerics_is_refused_naming_the_fix(data_dir, tmp_path
     cut = full.with_overrides([f"log.out={tmp_path / 'cut'}"])
     (tmp_path / "cut").mkdir()
     shutil.copy(key_path(tmp_path / "full"), key_path(tmp_path / "cut"))  # the same MPRNG key: same run
-    original = Trainer.train_step
-
-    def dying(self):
-        if self.step == 12:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        byztrain.run(cut, quiet=True)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    run_killed(cut, 12)
     before = (tmp_path / "cut" / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match=r"'runtime.threads'.*threads 1 -> 2.*resume with runtime.threads=1"):
         byztrain.run(cut.with_overrides(["runtime.threads=2"]), quiet=True, resume=True)

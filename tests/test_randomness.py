@@ -226,7 +226,7 @@ def test_key_is_in_no_config_log_checkpoint_or_attack_context(synthetic, tmp_pat
     assert not any(s in state for s in secrets)
 
 
-def test_same_run_folder_replays_a_new_key_does_not_and_resume_is_bitwise(synthetic, tmp_path, monkeypatch):
+def test_same_run_folder_replays_a_new_key_does_not_and_resume_is_bitwise(synthetic, tmp_path, run_killed):
     a = _btard_run(tmp_path, "a")
     byztrain.run(a, quiet=True)
     first = _metrics(tmp_path / "a")
@@ -240,17 +240,7 @@ def test_same_run_folder_replays_a_new_key_does_not_and_resume_is_bitwise(synthe
     (tmp_path / "c").mkdir()
     key_path(tmp_path / "c").write_bytes(key_path(tmp_path / "a").read_bytes())  # the key copied along
     cut = _btard_run(tmp_path, "c")
-    original = Trainer.train_step
-
-    def dying(self):
-        if self.step == 8:
-            raise KeyboardInterrupt  # a kill after the checkpoint of step 5
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        byztrain.run(cut, quiet=True)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    run_killed(cut, 8)  # a kill after the checkpoint of step 5
     byztrain.run(cut, quiet=True, resume=True)
     assert _metrics(tmp_path / "c") == first
     full = ckpt.from_bytes(ckpt.read(ckpt.latest(tmp_path / "a"))[0])

@@ -93,25 +93,15 @@ def test_with_the_mean_it_is_the_servers_momentum_moved_to_the_peers(synthetic):
     assert (other - server).norm() > 0.1 * moved
 
 
-def test_a_resumed_run_keeps_the_buffers_bit_for_bit(synthetic, tmp_path, monkeypatch):
+def test_a_resumed_run_keeps_the_buffers_bit_for_bit(synthetic, tmp_path, run_killed):
     over = {"attack": {"name": "sign_flip", "start": 0}, "runtime": {"checkpoint_every": 5}}
     full = _config(tmp_path / "full", **over)
     byztrain.run(full, quiet=True)
     cut = full.with_overrides([f"log.out={tmp_path / 'cut'}"])
-    original = Trainer.train_step
-
-    def dying(self):
-        if self.step == 8:
-            raise KeyboardInterrupt  # a kill after the checkpoint of step 5
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        byztrain.run(cut, quiet=True)
+    run_killed(cut, 8)  # a kill after the checkpoint of step 5
     own = ckpt.read(ckpt.latest(tmp_path / "cut"))[1]
     assert sorted(own) == list(range(full.peers))  # every peer's buffer, the attacker's with its attack
     assert set(ckpt.from_bytes(own[0])) == {"momentum"}
-    monkeypatch.setattr(Trainer, "train_step", original)
     byztrain.run(cut, quiet=True, resume=True)
     a = ckpt.from_bytes(ckpt.read(ckpt.latest(tmp_path / "full"))[0])
     b = ckpt.from_bytes(ckpt.read(ckpt.latest(tmp_path / "cut"))[0])
